@@ -1,0 +1,7 @@
+"""mlx-gemma4: Google's Gemma 4 family on Apple MLX."""
+
+from .backend import preload_blas as _preload_blas
+
+_preload_blas()  # must run before the first `import mlx.core`
+
+__version__ = "0.1.0"
