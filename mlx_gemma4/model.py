@@ -32,17 +32,31 @@ class Gemma4(nn.Module):
 
     def __call__(self, input_ids: mx.array, cache=None, *, inputs_embeds: mx.array | None = None,
                  block_ids: mx.array | None = None, last_only: bool = False) -> mx.array:
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}")
-        vocab = self.text_config.vocab_size
-        if input_ids.size and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-            raise ValueError(f"token ids must be in [0, {vocab}); got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        input_ids = self.check_ids(input_ids)
         h = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, block_ids=block_ids,
                                 last_only=last_only)
         return self.logits(h)
+
+    def check_ids(self, input_ids) -> mx.array:
+        """(B, L) int ids in range. Host inputs are always checked; lazy device arrays only for prompts
+        (L > 1), so a decode step never forces a sync (its ids come from the sampler, always in range)."""
+        if not isinstance(input_ids, mx.array):
+            input_ids = mx.array(input_ids)
+            check = True
+        else:
+            check = input_ids.shape[-1] > 1
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (mx.int32, mx.int64, mx.uint32, mx.int16, mx.uint16, mx.uint8, mx.int8):
+            raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+        vocab = self.text_config.vocab_size
+        if check and input_ids.size:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"token ids must be in [0, {vocab}); got range [{lo}, {hi}]")
+        return input_ids
 
     def make_cache(self) -> list:
         return self.language_model.make_cache()
