@@ -292,29 +292,31 @@ class AudioFeatureExtractor:
         """Feature frames computed for an (already padded) array of num_samples."""
         return max(0, (num_samples + self.frame_length // 2 - (self.frame_length + 1)) // self.hop_length + 1)
 
-    def log_mel(self, waveform: np.ndarray) -> np.ndarray:
-        """(samples,) float32 -> (frames, feature_size) float32 log-mel, no masking."""
-        x = np.asarray(waveform, dtype=np.float32)
+    def log_mel(self, waveforms: np.ndarray) -> np.ndarray:
+        """(..., samples) float32 -> (..., frames, feature_size) float32 log-mel, no masking."""
+        x = np.asarray(waveforms, dtype=np.float32)
         if self.input_scale_factor != 1.0:
             x = x * self.input_scale_factor
-        x = np.concatenate([np.zeros(self.frame_length // 2, dtype=x.dtype), x])
-        n_frames = self.num_frames(len(x) - self.frame_length // 2)
-        width = self.frame_length + 1
+        n_frames = self.num_frames(x.shape[-1])
         if n_frames == 0:
-            return np.zeros((0, self.feature_size), dtype=np.float32)
-        frames = np.lib.stride_tricks.sliding_window_view(x, width)[:: self.hop_length][:n_frames]
+            return np.zeros((*x.shape[:-1], 0, self.feature_size), dtype=np.float32)
+        x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(self.frame_length // 2, 0)])
+        frames = np.lib.stride_tricks.sliding_window_view(x, self.frame_length + 1, axis=-1)
+        frames = frames[..., :: self.hop_length, :][..., :n_frames, :]
         if self.preemphasis > 0.0:
             if self.preemphasis_htk_flavor:  # first sample scaled by (1 - p), the rest x[n] - p x[n-1]
                 frames = np.concatenate(
-                    [frames[:, :1] * (1.0 - self.preemphasis),
-                     frames[:, 1:-1] - self.preemphasis * frames[:, :-2]], axis=-1)
+                    [frames[..., :1] * (1.0 - self.preemphasis),
+                     frames[..., 1:-1] - self.preemphasis * frames[..., :-2]], axis=-1)
             else:  # x[n+1] - p x[n] over the whole frame_length+1 window
-                frames = frames[:, 1:] - self.preemphasis * frames[:, :-1]
+                frames = frames[..., 1:] - self.preemphasis * frames[..., :-1]
         else:
-            frames = frames[:, :-1]
+            frames = frames[..., :-1]
         # float32 frames and FFT, float64 mel projection and log: the dtype path of the reference extractor.
         spectrum = np.abs(np.fft.rfft(frames * self._window, n=self.fft_length, axis=-1))
-        log_mel = np.log(spectrum @ self._mel_filters + np.float64(self.mel_floor))
+        # One 2-D product (a stacked matmul would call BLAS once per clip).
+        mel = (spectrum.reshape(-1, spectrum.shape[-1]) @ self._mel_filters).reshape(*spectrum.shape[:-1], -1)
+        log_mel = np.log(mel + np.float64(self.mel_floor))
         if self.per_bin_mean is not None:
             log_mel = log_mel - np.asarray(self.per_bin_mean)
         if self.per_bin_stddev is not None:
@@ -334,18 +336,14 @@ class AudioFeatureExtractor:
             check_clip_length(len(c))
         longest = max(len(c) for c in clips)
         m = self.pad_to_multiple_of or 1
-        padded_len = -(-longest // m) * m
-        features, masks = [], []
-        for c in clips:
-            padded = np.full(padded_len, self.padding_value, dtype=np.float32)
-            padded[: len(c)] = c
-            log_mel = self.log_mel(padded)
-            mask = self.frame_mask(len(c), log_mel.shape[0])
-            features.append(log_mel * mask[:, None])
-            masks.append(mask)
+        batch = np.full((len(clips), -(-longest // m) * m), self.padding_value, dtype=np.float32)
+        for i, c in enumerate(clips):
+            batch[i, : len(c)] = c
+        features = self.log_mel(batch)
+        mask = np.stack([self.frame_mask(len(c), features.shape[1]) for c in clips])
         return AudioFeatures(
-            features=np.stack(features).astype(np.float32),
-            mask=np.stack(masks),
+            features=features * mask[..., None],
+            mask=mask,
             num_soft_tokens=[num_audio_soft_tokens(len(c), self) for c in clips],
         )
 
