@@ -121,6 +121,21 @@ PUBLISHED_FEATURE_EXTRACTOR = {
 }
 
 
+def test_left_padding_equals_transformers(speech):
+    """padding_side "left" (some fine-tunes ship it) shifts the frame grid; features, masks and the processor's
+    token counts must still match transformers for a padded batch."""
+    wave, _ = sf.read(speech["m16000.wav"], dtype="float32")
+    clips = [wave[:9000], wave[:4321], wave[:16000]]
+    ours = AudioFeatureExtractor.from_dict({"padding_side": "left"})(clips)
+    hf = fe_mod.Gemma4AudioFeatureExtractor(padding_side="left")
+    ref = hf(clips, return_tensors="np")
+    np.testing.assert_array_equal(ours.mask, ref["input_features_mask"])
+    assert np.abs(ours.features - ref["input_features"]).max() <= 1e-5
+    proc = SimpleNamespace(feature_extractor=hf, audio_seq_length=750, boa_token="<B>", eoa_token="<E>",
+                           audio_token="@")
+    assert ours.num_soft_tokens == [Gemma4Processor.replace_audio_token(proc, ref, i).count("@") for i in range(3)]
+
+
 def test_from_dict_reads_published_processor_config():
     d = PUBLISHED_FEATURE_EXTRACTOR
     fe = AudioFeatureExtractor.from_dict(d)
@@ -285,6 +300,8 @@ def test_bad_arrays_and_settings():
         extract_features(np.full(4000, np.nan, dtype=np.float32))
     with pytest.raises(AudioError, match="shape"):
         extract_features(np.zeros((2, 3, 4000), dtype=np.float32))
+    with pytest.raises(AudioError, match="channels, samples"):
+        extract_features(np.zeros((2, 4000), dtype=np.float32))
     with pytest.raises(AudioError, match="integer"):
         extract_features(np.zeros(4000, dtype=np.int16))
     with pytest.raises(AudioError, match="mono"):
@@ -297,5 +314,7 @@ def test_bad_arrays_and_settings():
         AudioFeatureExtractor.from_dict({"window": "hamming"})
     with pytest.raises(ValueError, match="sampling_rate"):
         AudioFeatureExtractor.from_dict({"sampling_rate": 22050})
+    with pytest.raises(ValueError, match="padding_side"):
+        AudioFeatureExtractor.from_dict({"padding_side": "center"})
     with pytest.raises(ValueError, match="fft_length"):
         AudioFeatureExtractor.from_dict({"fft_length": 1024})

@@ -52,6 +52,8 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
         return waveform.astype(np.float32, copy=False)
     if waveform.ndim != 2:
         raise AudioError(f"audio must be 1-D (samples,) or 2-D (samples, channels); got shape {waveform.shape}")
+    if waveform.shape[1] > 32 >= waveform.shape[0]:
+        raise AudioError(f"audio of shape {waveform.shape} looks like (channels, samples); pass (samples, channels)")
     if waveform.shape[1] == 1:
         return waveform[:, 0].astype(np.float32, copy=False)
     return waveform.astype(np.float32, copy=False).mean(axis=1)
@@ -210,7 +212,7 @@ class AudioFeatures:
 
 
 # Keys in processor_config.json's "feature_extractor" block that don't affect the features.
-_FE_IGNORED = {"feature_extractor_type", "processor_class", "padding_side", "return_attention_mask"}
+_FE_IGNORED = {"feature_extractor_type", "processor_class", "return_attention_mask"}
 
 
 @dataclass
@@ -222,7 +224,9 @@ class AudioFeatureExtractor:
     prepended ("semicausal" padding, frame i centred on sample i*hop); frames of frame_length+1 samples are
     cut every hop samples; the frame's first frame_length samples (or its pre-emphasized difference) are
     Hann-windowed, zero-padded to fft_length, |rfft| is mapped to mel bins and log(mel + mel_floor) taken.
-    A frame is valid when its last sample is real audio; invalid frames are set to 0."""
+    A frame is valid when its last sample is real audio; invalid frames are set to 0. padding_side "left"
+    (seen in some fine-tunes' processor_config.json) puts the padding before the audio, as transformers does;
+    that shifts the frame grid, so features and token counts then differ from the "right" default."""
 
     sampling_rate: int = SAMPLING_RATE
     feature_size: int = 128
@@ -239,11 +243,14 @@ class AudioFeatureExtractor:
     per_bin_stddev: list[float] | None = None
     padding_value: float = 0.0
     pad_to_multiple_of: int = 128
+    padding_side: str = "right"
     fft_length: int = field(init=False)
 
     def __post_init__(self):
         if self.frame_length <= 0 or self.hop_length <= 0:
             raise ValueError(f"frame_length and hop_length must be positive; got {self.frame_length}, {self.hop_length}")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left'; got {self.padding_side!r}")
         self.fft_length = 2 ** math.ceil(math.log2(self.frame_length)) * (2 if self.fft_overdrive else 1)
         for name in ("per_bin_mean", "per_bin_stddev"):
             value = getattr(self, name)
@@ -276,7 +283,7 @@ class AudioFeatureExtractor:
         fft_length = d.pop("fft_length", None)
         for key in ("feature_size", "fft_overdrive", "min_frequency", "max_frequency", "mel_floor", "preemphasis",
                     "preemphasis_htk_flavor", "input_scale_factor", "per_bin_mean", "per_bin_stddev",
-                    "padding_value", "pad_to_multiple_of"):
+                    "padding_value", "pad_to_multiple_of", "padding_side"):
             if key in d:
                 kwargs[key] = d.pop(key)
         unknown = set(d) - _FE_IGNORED
@@ -337,20 +344,25 @@ class AudioFeatureExtractor:
         longest = max(len(c) for c in clips)
         m = self.pad_to_multiple_of or 1
         batch = np.full((len(clips), -(-longest // m) * m), self.padding_value, dtype=np.float32)
-        for i, c in enumerate(clips):
-            batch[i, : len(c)] = c
+        starts = [batch.shape[1] - len(c) if self.padding_side == "left" else 0 for c in clips]
+        for i, (c, start) in enumerate(zip(clips, starts)):
+            batch[i, start : start + len(c)] = c
         features = self.log_mel(batch)
-        mask = np.stack([self.frame_mask(len(c), features.shape[1]) for c in clips])
+        mask = np.stack([self.frame_mask(start, len(c), features.shape[1]) for c, start in zip(clips, starts)])
+        # The tower keeps every 2nd frame of the mask per stride-2 convolution (Gemma4Processor.replace_audio_token
+        # counts the same way). With right padding this is num_audio_soft_tokens(len(clip)).
+        stride = 2**SUBSAMPLING_LAYERS
         return AudioFeatures(
             features=features * mask[..., None],
             mask=mask,
-            num_soft_tokens=[num_audio_soft_tokens(len(c), self) for c in clips],
+            num_soft_tokens=[min(int(m[::stride].sum()), AUDIO_SEQ_LENGTH) for m in mask],
         )
 
-    def frame_mask(self, num_samples: int, num_frames: int) -> np.ndarray:
-        """(num_frames,) bool: frame i is valid iff its last sample, i*hop + frame_length - pad_left, is real."""
+    def frame_mask(self, start: int, num_samples: int, num_frames: int) -> np.ndarray:
+        """(num_frames,) bool: frame i is valid iff its last sample, i*hop + frame_length - pad_left, is real
+        audio (which occupies [start, start + num_samples) of the padded clip)."""
         last_sample = np.arange(num_frames) * self.hop_length + self.frame_length - self.frame_length // 2
-        return last_sample < num_samples
+        return (last_sample >= start) & (last_sample < start + num_samples)
 
 
 def num_audio_soft_tokens(num_samples: int, extractor: AudioFeatureExtractor | None = None) -> int:
