@@ -236,3 +236,19 @@ def randomize_audio_tower(audio_tower, seed: int = 0, n_frames: int = 96) -> Non
                 module.input_max.fill_(torch.quantile(x.flatten(), 0.97).item())
                 module.output_min.fill_(torch.quantile(y.flatten(), 0.03).item())
                 module.output_max.fill_(torch.quantile(y.flatten(), 0.97).item())
+
+
+def make_audio_checkpoint(out_dir: str | os.PathLike, variant: str = "e2b", *, seed: int = 0) -> Path:
+    """Save a tiny Gemma4ForConditionalGeneration with the text `variant` and the tiny audio tower (no vision):
+    keys `model.language_model.*`, `model.audio_tower.*` (clip bounds included), `model.embed_audio.*`."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    out = Path(out_dir)
+    config = Gemma4Config(text_config=TEXT_VARIANTS[variant], vision_config=None, audio_config=tiny_audio_config())
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).float().eval()
+    randomize_norms_and_scalars(model, seed)
+    randomize_audio_tower(model.model.audio_tower, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

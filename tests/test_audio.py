@@ -248,3 +248,30 @@ def test_bad_tower_input():
         tower(mx.zeros((1, 40, 64)))
     with pytest.raises(ValueError, match="zero frames"):
         tower(mx.zeros((1, 0, 128)))
+
+
+def test_saved_checkpoint_loads_by_hf_names(tmp_path):
+    """A checkpoint written by transformers (model.audio_tower.*, model.embed_audio.*) loads through sanitize,
+    and equals that checkpoint reloaded by transformers."""
+    import json
+
+    path = checkpoints.make_audio_checkpoint(tmp_path / "e2b-audio")
+    weights = {}
+    for f in sorted(path.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    weights = sanitize({k[len("model."):]: v for k, v in weights.items()
+                        if k.startswith(("model.audio_tower.", "model.embed_audio."))})
+    config = json.loads((path / "config.json").read_text())
+    tower = AudioTower(AudioConfig.from_dict(config["audio_config"]))
+    tower.load_weights([(k[len("audio_tower."):], v) for k, v in weights.items() if k.startswith("audio_tower.")],
+                       strict=True)
+    embedder = MultimodalEmbedder(tower.config.output_proj_dims, config["text_config"]["hidden_size"],
+                                  tower.config.rms_norm_eps)
+    embedder.load_weights([(k[len("embed_audio."):], v) for k, v in weights.items() if k.startswith("embed_audio.")],
+                          strict=True)
+    feats = AudioFeatureExtractor()([sound(0.77, seed=2)])
+    with torch.no_grad():
+        ref = checkpoints.load_hf(path).model.get_audio_features(
+            torch.from_numpy(feats.features), torch.from_numpy(feats.mask), return_dict=True)
+    embeds = embedder(tower(mx.array(feats.features), mx.array(feats.mask))[0])
+    assert rel_err(embeds, ref.pooler_output.numpy()) <= RTOL
