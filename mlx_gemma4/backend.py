@@ -65,46 +65,51 @@ def preload_blas() -> str:
     return blas_in_use
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Compute dtype policy
-#
-# Measured on MLX's CPU backend with OpenBLAS preloaded (benchmarks/backend.py, table in benchmarks/RESULTS.md):
-# float32 matmuls go through cblas_sgemm and are an order of magnitude faster than bfloat16/float16 matmuls and
-# than quantized_matmul, which MLX's CPU backend computes with its own unvectorized loops. So on CPU we compute in
-# float32 and, when the memory allows, expand quantized weights to float32 at load. On Metal, bf16 and the
-# quantized kernels are the fast path and quantized weights stay quantized.
+# ---- compute dtype ------------------------------------------------------------------------------
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def _on_gpu() -> bool:
+def default_dtype(quantized: bool = False):
+    """The compute dtype for float weights on this backend.
+
+    CPU: float32 (bf16 matmuls measured ~40x slower than float32 with OpenBLAS here, since MLX's CPU bf16
+    GEMM does not use BLAS). Metal/CUDA: bfloat16 (the checkpoints' own dtype, half the memory)."""
     import mlx.core as mx
 
-    return mx.default_device().type == mx.DeviceType.gpu
+    if mx.default_device() == mx.gpu:
+        return mx.bfloat16
+    return mx.float32
 
 
-def _env_dtype() -> str | None:
-    value = os.environ.get("MLX_GEMMA4_DTYPE", "auto").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in COMPUTE_DTYPES:
-        raise ValueError(f"MLX_GEMMA4_DTYPE={value!r}: expected auto or one of {', '.join(COMPUTE_DTYPES)}")
-    return value
+def resolve_dtype(dtype=None, quantized: bool = False):
+    """An explicit dtype (mx.Dtype or name), else MLX_GEMMA4_DTYPE, else the backend default."""
+    import mlx.core as mx
+
+    choice = dtype if dtype is not None else os.environ.get("MLX_GEMMA4_DTYPE")
+    if choice is None:
+        return default_dtype(quantized)
+    if isinstance(choice, mx.Dtype):
+        return choice
+    name = _DTYPES.get(str(choice).lower())
+    if name is None:
+        raise ValueError(f"unsupported dtype {choice!r} (use float32, bfloat16 or float16)")
+    return getattr(mx, name)
 
 
-def default_compute_dtype() -> str:
-    """The dtype activations, the KV cache and unquantized weights use: MLX_GEMMA4_DTYPE if set, else
-    float32 on the CPU backend and bfloat16 on Metal."""
-    return _env_dtype() or ("bfloat16" if _on_gpu() else "float32")
-
-
-def choose_compute_dtype(requested: str | None = None) -> str:
-    """`load(dtype=...)` wins over MLX_GEMMA4_DTYPE, which wins over the backend default."""
-    if requested is None or requested == "auto":
-        return default_compute_dtype()
-    if requested not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype={requested!r}: expected auto or one of {', '.join(COMPUTE_DTYPES)}")
-    return requested
+# ---- compute path policy: measurements and the quantized-weights decision -----------------------
+#
+# Measured with benchmarks/backend.py on MLX's CPU backend, OpenBLAS preloaded, 2 shared cores (table and date in
+# benchmarks/RESULTS.md), E2B's 1536 -> 6144 projection:
+#   prefill 512x1536x6144: float32 matmul ~25 GFLOP/s; bf16 ~1.2, fp16 ~0.5 (MLX's own loops, no BLAS);
+#     quantized_matmul 4-bit ~0.6 with float32 activations/scales, ~0.06 with bf16 (10x slower again)
+#   decode 1x1536x6144: 4-bit quantized_matmul with float32 scales is the fastest (memory bound, 1/8 of the
+#     bytes), bf16 quantized_matmul ~9x slower than that
+# Hence on CPU: compute in float32 (resolve_dtype), keep quantized weights quantized with their scales/biases in
+# float32 (the loader casts every float tensor to the compute dtype), and expand them to dense float32 only when
+# prefill speed matters more than memory and the dense copy fits (should_dequantize). On Metal the quantized
+# kernels and bf16 are the fast path.
 
 
 def available_memory_bytes() -> int | None:
@@ -122,24 +127,28 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def should_dequantize(dense_bytes: int, dtype: str | None = None, *, available: int | None = None,
-                      headroom: float = 0.8) -> bool:
-    """Expand quantized weights to `dtype` at load? Only on the CPU backend with a float32 compute dtype (where a
-    dense float32 matmul beats quantized_matmul), and only when the expanded weights (`dense_bytes`) fit in
-    `headroom` of the available memory. MLX_GEMMA4_DEQUANTIZE=0/1 forces the answer."""
+def should_dequantize(dense_bytes: int, dtype=None, *, available: int | None = None, headroom: float = 0.8) -> bool:
+    """Expand quantized matmul weights to dense `dtype` at load?
+
+    Only on the CPU backend computing in float32 (where BLAS sgemm beats quantized_matmul ~40x at prefill), and
+    only when the dense weights (`dense_bytes`) fit in `headroom` of the available memory.
+    MLX_GEMMA4_DEQUANTIZE=0/1 forces the answer."""
+    import mlx.core as mx
+
     forced = os.environ.get("MLX_GEMMA4_DEQUANTIZE")
     if forced in ("0", "1"):
         return forced == "1"
-    if _on_gpu() or (dtype or default_compute_dtype()) != "float32":
+    if mx.default_device() == mx.gpu or resolve_dtype(dtype, quantized=True) != mx.float32:
         return False
     available = available_memory_bytes() if available is None else available
     return available is not None and dense_bytes <= headroom * available
 
 
-def describe_policy() -> str:
-    """One line for stats and benchmark headers: device, BLAS and compute dtype."""
+def describe_policy(dtype=None) -> str:
+    """One line for stats and benchmark headers: device, BLAS and compute dtype (and where it came from)."""
     import mlx.core as mx
 
-    dtype = default_compute_dtype()
-    source = "MLX_GEMMA4_DTYPE" if _env_dtype() else "backend default"
-    return f"device {mx.default_device()}, BLAS {blas_in_use}, compute dtype {dtype} ({source})"
+    source = "argument" if dtype is not None else ("MLX_GEMMA4_DTYPE" if os.environ.get("MLX_GEMMA4_DTYPE")
+                                                   else "backend default")
+    resolved = str(resolve_dtype(dtype)).replace("mlx.core.", "")
+    return f"device {mx.default_device()}, BLAS {blas_in_use}, compute dtype {resolved} ({source})"
