@@ -33,6 +33,12 @@ def _time(fn, repeat: int) -> float:
     return best
 
 
+def _probe(fn) -> float:
+    t = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - t
+
+
 def paths(M: int, K: int, N: int):
     """(name, thunk) for each compute path at M x K x N."""
     key = mx.random.key(0)
@@ -59,25 +65,41 @@ def paths(M: int, K: int, N: int):
     return out
 
 
-def measure(shapes, repeat: int):
-    """Yield one row per (shape, path) as soon as it is measured."""
+def measure(shapes, repeat: int, cap_s: float):
+    """Yield one row per (shape, path) as soon as it is measured.
+
+    A path too slow to run at full M (more than cap_s predicted) is timed at M=8 and M=16 and extrapolated
+    along t(M) = a + b*M (a: per-call work such as dequantizing the weight); its row is marked "~"."""
     for M, K, N in shapes:
         flops = 2 * M * K * N
+        small = {8: dict(paths(8, K, N)), 16: dict(paths(16, K, N))} if M > 16 else {}
         for name, fn in paths(M, K, N):
+            row = {"shape": f"{M}x{K}x{N}", "path": name, "extrapolated": False}
+            if small:
+                t8, t16 = (_time(small[m][name], 1) for m in (8, 16))
+                slope = max(t16 - t8, 0.0) / 8
+                predicted = max(t8 - 8 * slope, 0.0) + slope * M
+                if predicted > cap_s:
+                    row.update(ms=1e3 * predicted, gflops=flops / predicted / 1e9, extrapolated=True)
+                    yield row
+                    continue
             t = _time(fn, repeat)
-            yield {"shape": f"{M}x{K}x{N}", "path": name, "ms": 1e3 * t, "gflops": flops / t / 1e9}
+            row.update(ms=1e3 * t, gflops=flops / t / 1e9)
+            yield row
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="1x1536x6144,512x1536x6144")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cap-s", type=float, default=5.0, help="extrapolate paths slower than this from M=8")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"MLX {mx.__version__}, device {mx.default_device()}, BLAS: {backend.blas_in_use}")
     print("| M x K x N | path | ms | GFLOP/s |\n|---|---|---:|---:|")
-    for r in measure(shapes, args.repeat):
-        print(f"| {r['shape']} | {r['path']} | {r['ms']:.2f} | {r['gflops']:.1f} |", flush=True)
+    for r in measure(shapes, args.repeat, args.cap_s):
+        mark = "~" if r["extrapolated"] else ""
+        print(f"| {r['shape']} | {r['path']} | {mark}{r['ms']:.2f} | {mark}{r['gflops']:.2f} |", flush=True)
     print(f"\npolicy: {backend.describe_policy()}")
 
 

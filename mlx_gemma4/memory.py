@@ -221,31 +221,31 @@ def is_quantizable(name: str, shape: tuple[int, ...], group_size: int = GROUP_SI
     return len(shape) >= 2 and shape[-1] % group_size == 0 and "norm" not in name
 
 
-def quantized_key_base(name: str) -> str:
-    """`x.weight` -> `x`; expert banks (`experts.gate_up_proj`) keep their own name as the module path.
-
-    The quantized tensor is stored as `<base>.weight` (packed uint32), `<base>.scales`, `<base>.biases`."""
-    return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
 def quantized_specs(name: str, shape: tuple[int, ...], bits: int, group_size: int = GROUP_SIZE):
-    """[(key, shape, dtype)] of the three tensors `mx.quantize` produces for one weight."""
-    base = quantized_key_base(name)
+    """[(key, shape, dtype)] of the three tensors `mx.quantize` produces for one weight, named as our quantized
+    modules hold them: `x.weight` -> `x.weight` (packed uint32), `x.scales`, `x.biases`; an expert bank
+    `experts.gate_up_proj` -> itself packed, `experts.gate_up_proj_scales`, `experts.gate_up_proj_biases`."""
     lead, cols = tuple(shape[:-1]), shape[-1]
+    if name.endswith(".weight"):
+        base = name[: -len(".weight")]
+        keys = (name, base + ".scales", base + ".biases")
+    else:
+        keys = (name, name + "_scales", name + "_biases")
     return [
-        (base + ".weight", lead + (cols * bits // 32,), "U32"),
-        (base + ".scales", lead + (cols // group_size,), "BF16"),
-        (base + ".biases", lead + (cols // group_size,), "BF16"),
+        (keys[0], lead + (cols * bits // 32,), "U32"),
+        (keys[1], lead + (cols // group_size,), "BF16"),
+        (keys[2], lead + (cols // group_size,), "BF16"),
     ]
 
 
 def stored_bytes(specs, bits: int = 16, group_size: int = GROUP_SIZE, float_bytes: int = 2) -> int:
-    """Bytes of a list of (name, shape) at `bits` (16 = unquantized `float_bytes` per value)."""
+    """Bytes of a list of (name, shape) at `bits` (16 = unquantized), float tensors and quantization scales and
+    biases at `float_bytes` each (the loader casts every float tensor to the compute dtype)."""
     total = 0
     for name, shape in specs:
         n = math.prod(shape)
         if bits < 16 and is_quantizable(name, shape, group_size):
-            total += n * bits // 8 + 2 * 2 * (n // group_size)
+            total += n * bits // 8 + 2 * float_bytes * (n // group_size)  # packed values, scales, biases
         else:
             total += n * float_bytes
     return total
@@ -400,6 +400,13 @@ def format_estimate(est: MemoryEstimate, context: int, ram_gib: float | None = N
     return "\n".join(lines)
 
 
+def default_dtype_name() -> str:
+    """The compute dtype the loader would pick here (mlx_gemma4.backend.resolve_dtype), as a name."""
+    from .backend import resolve_dtype
+
+    return str(resolve_dtype()).replace("mlx.core.", "")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mlx_gemma4.memory", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="local checkpoint dir, variant (e2b, e4b, 26b-a4b, 31b) or hub id")
@@ -413,11 +420,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     try:
         config, directory = resolve_model(args.model)
-        dtype = args.dtype
-        if dtype is None:
-            from .backend import default_compute_dtype
-
-            dtype = default_compute_dtype()
+        dtype = args.dtype or default_dtype_name()
         est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
                        chunk=args.chunk, directory=directory)
     except (ValueError, FileNotFoundError) as e:

@@ -82,8 +82,8 @@ def test_quantized_mlx_checkpoint_roundtrip(tmp_path):
             expected[name] = shape
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected
     bank = "language_model.layers.0.experts.gate_up_proj"
-    assert weights[bank + ".weight"].dtype == mx.uint32
-    dense = mx.dequantize(weights[bank + ".weight"], weights[bank + ".scales"], weights[bank + ".biases"],
+    assert weights[bank].dtype == mx.uint32
+    dense = mx.dequantize(weights[bank], weights[bank + "_scales"], weights[bank + "_biases"],
                           group_size=64, bits=4).astype(mx.float32)
     assert dense.shape == (16, 128, 128)
     assert 0.01 < np.std(np.array(dense)) < 0.04  # N(0, 0.02) values survive quantization
