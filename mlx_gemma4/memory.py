@@ -323,12 +323,13 @@ def kv_cache_bytes(text: dict, context: int, dtype_bytes: int, kv_bits: int | No
     return out
 
 
-def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int) -> int:
+def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, quantized: bool = False) -> int:
     """Largest set of temporaries alive while one prefill chunk passes the costliest layer.
 
-    Residual stream and its normed copy, q/k/v of the chunk, attention scores and probabilities against the
-    cached keys (float32), MLP gate/up/product (or the MoE's top-k expert intermediates plus the shared MLP),
-    the per-layer-embedding inputs for all layers, and the last position's float32 logits."""
+    Residual stream and its normed copy, q/k/v of the chunk, the attention scores against the cached keys
+    (float32), MLP gate/up/product (or the MoE's top-k expert intermediates plus the shared MLP),
+    the per-layer-embedding inputs for all layers, and the last position's float32 logits.
+    Calibrated against the measured peak of this package's model (tests/test_memory_measured.py)."""
     C = max(1, min(chunk, context))
     H, V, nh = text["hidden_size"], text["vocab_size"], text["num_attention_heads"]
     window = int(text.get("sliding_window") or context)
@@ -337,12 +338,18 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int) -> 
     for g in layer_geometry(text):
         keys = context if not g.sliding else min(context, window + C - 1)
         qkv = C * (nh + 2 * g.kv_heads) * g.head_dim * dtype_bytes
-        scores = 2 * nh * C * keys * 4
+        # float32 scores; mx.fast.scaled_dot_product_attention with a mask on the CPU backend keeps about
+        # 1.25 copies alive at its peak (measured, tests/test_memory_measured.py)
+        scores = int(1.25 * nh * C * keys * 4)
         worst_attention = max(worst_attention, qkv + scores + C * nh * g.head_dim * dtype_bytes)
         mlp = 3 * C * g.mlp_intermediate * dtype_bytes
         if text.get("enable_moe_block"):
-            k, Im = text["top_k_experts"], text["moe_intermediate_size"]
-            mlp += 3 * C * k * Im * dtype_bytes + 2 * C * text["num_experts"] * 4
+            # kernels.expert_glu's MLX reference path gathers each token's k expert matrices, (C, k, 2I, H) and
+            # (C, k, H, I), and dequantizes a quantized bank whole first; a fused gather kernel removes both
+            k, E, Im = text["top_k_experts"], text["num_experts"], text["moe_intermediate_size"]
+            mlp += C * k * 3 * Im * H * dtype_bytes + 3 * C * k * Im * dtype_bytes + 2 * C * E * 4
+            if quantized:
+                mlp += E * 3 * Im * H * dtype_bytes
         worst_mlp = max(worst_mlp, mlp)
     residual = 3 * C * H * dtype_bytes
     ple = 2 * C * L * P * dtype_bytes
@@ -377,7 +384,7 @@ def estimate(config: dict, context: int, *, bits: int | None = None, kv_bits: in
     else:
         weights = stored_bytes(specs, bits or stored_bits, group, float_bytes=dtype_bytes)
     kv = kv_cache_bytes(text, context, dtype_bytes, kv_bits, chunk=min(chunk, context))
-    acts = activation_bytes(text, context, chunk, dtype_bytes)
+    acts = activation_bytes(text, context, chunk, dtype_bytes, quantized=(bits or stored_bits) < 16)
     return MemoryEstimate(weights=weights, kv_cache=kv["sliding"] + kv["full"], activations=acts, kv_cache_detail=kv)
 
 

@@ -81,14 +81,25 @@ def test_weights_at_each_precision():
 
 
 def test_fits_verdict_and_cli(capsys):
-    e = memory.estimate(memory.load_preset("26b-a4b"), 8192, bits=4, dtype="bfloat16")
-    assert e.fits(24 * GiB) and not e.fits(8 * GiB)
-    memory.main(["--model", "google/gemma-4-26B-A4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
+    e = memory.estimate(memory.load_preset("e4b"), 8192, bits=4, dtype="bfloat16")
+    assert e.fits(24 * GiB) and not e.fits(2 * GiB)
+    memory.main(["--model", "google/gemma-4-E4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
                  "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert "fits in 24 GiB" in out and "NOT" not in out
     memory.main(["--model", "31b", "--context", "131072", "--bits", "16", "--ram", "24", "--dtype", "bfloat16"])
     assert "does NOT fit in 24 GiB" in capsys.readouterr().out
+
+
+def test_moe_prefill_chunk_cost_of_the_reference_expert_path():
+    """The MLX reference expert path gathers (chunk, top_k, 3 x I x H) weights: at the 26B's dimensions a
+    512-token chunk needs ~46 GiB of temporaries in bf16, a 16-token chunk ~1.4 GiB."""
+    config = memory.load_preset("26b-a4b")
+    big = memory.estimate(config, 8192, bits=4, dtype="bfloat16", chunk=512)
+    small = memory.estimate(config, 8192, bits=4, dtype="bfloat16", chunk=16)
+    per_token = 8 * 3 * 704 * 2816 * 2
+    assert big.activations - small.activations == pytest.approx((512 - 16) * per_token, rel=0.05)
+    assert small.fits(24 * GiB) and not big.fits(24 * GiB)
 
 
 def test_resolves_ids_variants_and_directories(tmp_path):
