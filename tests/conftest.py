@@ -35,3 +35,17 @@ def text_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """Factory: tokenizer_dir(vocab_size=512) -> directory with tokenizer.json, tokenizer_config.json and the
+    built-in Gemma 4 chat_template.jinja (checkpoints.make_tokenizer), cached for the session."""
+    made: dict[int, Path] = {}
+
+    def make(vocab_size: int = checkpoints.VOCAB) -> Path:
+        if vocab_size not in made:
+            made[vocab_size] = checkpoints.make_tokenizer(tmp_path_factory.mktemp(f"tokenizer-{vocab_size}"), vocab_size)
+        return made[vocab_size]
+
+    return make
