@@ -1,0 +1,94 @@
+"""The processor `load()` returns: the text side (tokenizer, chat template, stop tokens) of a checkpoint.
+
+`Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
+(chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one) and the stop tokens
+(generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>).
+Image and audio inputs are added by the multimodal processors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking
+from .tokenizer import Tokenizer
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def read_stop_token_ids(directory: Path, tokenizer: Tokenizer, config=None) -> list[int]:
+    """generation_config.json's eos_token_id (else config.json's), plus <eos> and <turn|>: a chat reply ends
+    with its turn even when a base checkpoint's generation config lists only <eos>."""
+    ids: list[int] = []
+    gen_file = directory / "generation_config.json"
+    if gen_file.is_file():
+        ids = _ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+    if not ids:
+        ids = list(getattr(config, "eos_token_ids", None) or [])
+    for name in ("eos", "turn_end"):
+        tid = tokenizer.token_id(name)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+@dataclass
+class Processor:
+    tokenizer: Tokenizer
+    chat_template: str
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
+        """The checkpoint's processor, or None when the directory has no tokenizer.json (weights-only)."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            return None
+        tokenizer = Tokenizer.from_pretrained(directory)
+        return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
+                   stop_token_ids=read_stop_token_ids(directory, tokenizer, config))
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
+                            enable_thinking: bool = False, **kwargs) -> str:
+        return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           enable_thinking=enable_thinking, special_tokens=self.tokenizer.special_tokens_map,
+                           **kwargs)
+
+    def messages_for(self, prompt_or_messages, system: str | None = None) -> list[dict]:
+        """A message list from a plain prompt (optionally with a system prompt) or a message list as is."""
+        if isinstance(prompt_or_messages, str):
+            messages = [{"role": "user", "content": prompt_or_messages}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            return messages
+        if system:
+            raise ValueError("pass the system prompt as the first message when giving a message list")
+        return list(prompt_or_messages)
+
+    def prompt_ids(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
+                   tools=None, use_chat_template: bool = True) -> list[int]:
+        """Token ids to prefill. With use_chat_template=False a string prompt is encoded raw (plus <bos>)."""
+        if not use_chat_template:
+            if not isinstance(prompt_or_messages, str):
+                raise ValueError("a message list needs the chat template")
+            return self.tokenizer.encode(prompt_or_messages, add_bos=True)
+        text = self.apply_chat_template(self.messages_for(prompt_or_messages, system), tools=tools,
+                                        enable_thinking=enable_thinking)
+        return self.tokenizer.encode(text, add_bos=True)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special)
+
+    # -- model output ---------------------------------------------------------------------------------------
+    parse_tool_calls = staticmethod(parse_tool_calls)
+    split_thinking = staticmethod(split_thinking)
