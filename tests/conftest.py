@@ -49,3 +49,22 @@ def tokenizer_dir(tmp_path_factory):
         return made[vocab_size]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(text_checkpoint, tokenizer_dir, tmp_path_factory):
+    """Factory: chat_checkpoint(variant) -> a copy of text_checkpoint(variant) with the 512-id tokenizer and
+    chat template added (what `python -m mlx_gemma4.generate` needs), cached for the session."""
+    import shutil
+
+    made: dict[str, Path] = {}
+
+    def make(variant: str = "e2b") -> Path:
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"chat-{variant}")
+            shutil.copytree(text_checkpoint(variant), out, dirs_exist_ok=True)
+            shutil.copytree(tokenizer_dir(checkpoints.VOCAB), out, dirs_exist_ok=True)
+            made[variant] = out
+        return made[variant]
+
+    return make

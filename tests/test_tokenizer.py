@@ -81,7 +81,16 @@ def test_streaming_detokenizer_holds_partial_character(full):
     ids = full.encode("世", add_bos=False)
     assert len(ids) == 3  # three byte-fallback tokens
     detok = full.detokenizer()
-    assert [detok.add(i) for i in ids] == ["", "", "世"]
+    assert [detok.add(i) for i in ids] == ["", "", ""]  # a byte run is judged when it ends
+    assert detok.add(full.encode("a", add_bos=False)[0]) == "世a"
+
+
+def test_streaming_detokenizer_invalid_bytes_match_full_decode(full):
+    b = {x: full.backend.token_to_id(f"<0x{x:02X}>") for x in (0xE4, 0x7B, 0x80, 0x41)}
+    ids = [b[0xE4], b[0x7B], b[0x80], full.encode("hi", add_bos=False)[0], b[0x41], b[0x80]]
+    detok = full.detokenizer()
+    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
+    assert "".join(pieces) == full.decode(ids)  # "{" inside an invalid run decodes as U+FFFD, not "{"
 
 
 def test_streaming_detokenizer_flushes_truncated_bytes(full):

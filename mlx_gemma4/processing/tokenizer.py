@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 _PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -112,6 +112,12 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    @cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of SentencePiece byte-fallback tokens (`<0xE2>`)."""
+        return frozenset(i for t, i in self.backend.get_vocab(with_added_tokens=False).items()
+                         if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+
     def detokenizer(self, skip_special: bool = False) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self, skip_special=skip_special)
 
@@ -122,12 +128,15 @@ class StreamingDetokenizer:
     Decoding token by token is wrong for SentencePiece vocabularies: byte-fallback tokens (`<0xE2>`) only make a
     character together, and some decoders treat a leading `▁` differently at the start of a sequence. So the
     tokens since the last safe point are decoded together, after one "anchor" token from before that point
-    whose text is subtracted, and text ending in U+FFFD (an incomplete byte sequence) is held back.
+    whose text is subtracted. Text is held back while the last token is a byte-fallback token (the decoder
+    judges a whole run of byte tokens at once: a later invalid byte turns the run into U+FFFDs) or while it
+    ends in U+FFFD (byte-level vocabularies). So the pieces always join to exactly `decode(all ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
+        self._byte_ids = tokenizer.byte_token_ids
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +153,8 @@ class StreamingDetokenizer:
     def add(self, token_id: int) -> str:
         """Feed one token; return the newly completed text (possibly empty)."""
         self._segment.append(int(token_id))
+        if token_id in self._byte_ids:
+            return ""  # inside a run of byte tokens: wait for its end
         text = self._segment_text()
         if text.endswith("\ufffd"):
             return ""  # wait for the rest of the character's bytes
@@ -153,7 +164,7 @@ class StreamingDetokenizer:
         if len(self._segment) >= 16:  # move the safe point forward, so each step decodes O(16) tokens
             last = self._segment[-1:]
             last_text = self.tokenizer.decode(last, self.skip_special)
-            if "\ufffd" not in last_text:
+            if "\ufffd" not in last_text:  # a whole token (never a byte token: those return above)
                 self._anchor, self._anchor_text = last, last_text
                 self._segment, self._emitted = [], 0
         return piece
