@@ -6,8 +6,8 @@ every layer's keys/values in temporal order plus metadata (cache kinds, offsets,
 ids, the model's layer layout); `load_prompt_cache` rebuilds the caches, including rotating sliding-window
 caches whose ring buffer has wrapped (their last `window` entries are stored, oldest first).
 
-    python -m mlx_gemma4.prompt_cache --model PATH --prompt "long shared context" --out ctx.safetensors
-    python -m mlx_gemma4.generate --model PATH --prompt-cache ctx.safetensors --prompt "question"
+    python -m mlx_gemma4.prompt_cache --model PATH --system "long instructions" --out sys.safetensors
+    python -m mlx_gemma4.generate --model PATH --prompt-cache sys.safetensors --system "long instructions" --prompt "question"
 """
 
 from __future__ import annotations
@@ -110,6 +110,20 @@ def load_prompt_cache(path: str | Path, model) -> tuple[PromptCache, dict]:
     return pc, json.loads(meta.get("user", "{}"))
 
 
+def prefix_ids(processor, prefix: str, *, system: str | None = None, use_chat_template: bool = True) -> list[int]:
+    """Token ids every prompt that starts with `prefix` (as the user message, after `system`) starts with.
+
+    With the chat template: the conversation rendered up to the end of `prefix` inside the user turn. The last
+    token is dropped, since it may merge with the text that follows it."""
+    if use_chat_template:
+        marker = "\x00PREFIX-END\x00"
+        text = processor.apply_chat_template(processor.messages_for(prefix + marker, system))
+        ids = processor.encode(text[: text.index(marker)], add_bos=True)
+    else:
+        ids = processor.encode(prefix, add_bos=True)
+    return ids[:-1]
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -119,16 +133,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma4.prompt_cache",
                                      description="Prefill a prompt and save its KV caches to a file.")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prompt", required=True, help="the shared prefix (raw text; '-' reads stdin)")
-    parser.add_argument("--system", default=None, help="render as a chat: system prompt + this user turn")
+    parser.add_argument("--prompt", default="", help="start of the user message shared by later prompts ('-': stdin)")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--no-chat-template", action="store_true", help="the prefix is raw text")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, processor = load_for_cli(args.model)
-    if args.system is not None:
-        ids = processor.prompt_ids(text, system=args.system)
-    else:
-        ids = processor.encode(text, add_bos=True)
+    ids = prefix_ids(processor, text, system=args.system, use_chat_template=not args.no_chat_template)
     pc = PromptCache.fresh(model)
     prefill(model, ids, pc)
     try:
