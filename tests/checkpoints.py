@@ -15,6 +15,7 @@ set to 1 + 0.3*randn so a forgotten one changes the result.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -224,8 +225,17 @@ def make_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB, *, with_
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(directory: str):
+    return _make_hf_tokenizer(Path(directory))
+
+
 def load_hf_tokenizer(directory):
-    """transformers' fast tokenizer over the same files (the reference for chat-template rendering)."""
+    """transformers' fast tokenizer over the same files (the reference for chat-template rendering); cached."""
+    return _hf_tokenizer(str(directory))
+
+
+def _make_hf_tokenizer(directory: Path):
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)

@@ -137,3 +137,20 @@ def test_processor_from_pretrained(chat_checkpoint, text_checkpoint):
     proc = Processor.from_pretrained(chat_checkpoint("e2b"))
     assert proc.tokenizer.vocab_size == 512 and "<|turn>" in proc.chat_template
     assert Processor.from_pretrained(text_checkpoint("e2b")) is None  # weights only: no tokenizer
+
+
+def test_chat_session_after_stop_token_closes_turn_once(e2b):
+    model, processor = e2b
+    session = ChatSession(model, processor)
+
+    def end_turn_at_3(tokens, logits):
+        if tokens.shape[1] - start[0] == 3:
+            return mx.where(mx.arange(logits.shape[-1]) == 106, 100.0, -100.0)[None]
+        return logits
+
+    start = [len(session._turn_ids(PROMPT))]
+    first = list(session.send(PROMPT, max_tokens=20, logits_processors=[end_turn_at_3]))
+    assert first[-1].stats.finish_reason == "stop" and session.cache.tokens[-1] == 106  # fed, not printed
+    cached = len(session.cache.tokens)
+    ids = session._turn_ids("next")
+    assert processor.decode(ids[cached - 1:]) == "<turn|>\n<|turn>user\nnext<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
