@@ -184,8 +184,7 @@ def _parse_gemma4(d: dict) -> TextConfig:
     head_dims = [head_dim] * n_layers
     kv = [kv_heads] * n_layers
     if d.get("per_layer_config"):
-        if d.get("global_head_dim") is not None or d.get("num_global_key_value_heads") is not None:
-            raise ConfigError("config has both per_layer_config and global_head_dim/num_global_key_value_heads")
+        # As in transformers, a per_layer_config table takes precedence over global_head_dim & co.
         for key, overrides in d["per_layer_config"].items():
             if str(key).isdigit():
                 targets = [int(key)]

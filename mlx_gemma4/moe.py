@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .kernels import expert_glu
+from .kernels import ExpertBank, expert_glu
 
 
 def route_top_k(scores: mx.array, k: int, per_expert_scale: mx.array) -> tuple[mx.array, mx.array]:
@@ -52,4 +52,37 @@ class Experts(nn.Module):
         self.down_proj = mx.zeros((E, H, inter))
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        return expert_glu(x, indices, weights, self.gate_up_proj, self.down_proj)
+        return expert_glu(x, indices, weights, ExpertBank(self.gate_up_proj), ExpertBank(self.down_proj))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, **kwargs) -> "QuantizedExperts":
+        return QuantizedExperts.from_experts(self, group_size, bits)
+
+
+class QuantizedExperts(nn.Module):
+    """MLX affine-quantized expert bank: `<bank>` packed uint32 plus `<bank>_scales` / `<bank>_biases`."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, group_size: int, bits: int):
+        super().__init__()
+        self.group_size, self.bits = group_size, bits
+        for name, (out_dim, in_dim) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            setattr(self, name, mx.zeros((num_experts, out_dim, in_dim * bits // 32), mx.uint32))
+            setattr(self, name + "_scales", mx.zeros((num_experts, out_dim, in_dim // group_size)))
+            setattr(self, name + "_biases", mx.zeros((num_experts, out_dim, in_dim // group_size)))
+
+    @classmethod
+    def from_experts(cls, experts: Experts, group_size: int, bits: int) -> "QuantizedExperts":
+        E, two_i, H = experts.gate_up_proj.shape
+        q = cls(E, H, two_i // 2, group_size, bits)
+        for name in ("gate_up_proj", "down_proj"):
+            w, scales, biases = mx.quantize(getattr(experts, name), group_size=group_size, bits=bits)
+            setattr(q, name, w)
+            setattr(q, name + "_scales", scales)
+            setattr(q, name + "_biases", biases)
+        return q
+
+    def bank(self, name: str) -> ExpertBank:
+        return ExpertBank(getattr(self, name), getattr(self, name + "_scales"), getattr(self, name + "_biases"),
+                          self.bits, self.group_size)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return expert_glu(x, indices, weights, self.bank("gate_up_proj"), self.bank("down_proj"))

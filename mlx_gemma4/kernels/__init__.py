@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -30,12 +32,28 @@ def windowed_attention(q, k, v, *, scale: float, q_start: int, k_start: int, win
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def expert_glu(x, indices, weights, gate_up, down):
-    """out[t] = sum_k w[t,k] * down[e] @ (gelu_tanh(gate[e] x) * up[e] x), e = indices[t,k] (dense banks)."""
-    gu = mx.take(gate_up, indices, axis=0)  # (T, K, 2I, H)
+@dataclass
+class ExpertBank:
+    """One stacked expert matrix in HF layout (E, out, in); packed uint32 + scales/biases when quantized."""
+
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+    bits: int | None = None
+    group_size: int | None = None
+
+    def dense(self) -> mx.array:
+        if self.scales is None:
+            return self.weight
+        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+
+def expert_glu(x, indices, weights, gate_up: ExpertBank, down: ExpertBank):
+    """out[t] = sum_k w[t,k] * down[e] @ (gelu_tanh(gate[e] x) * up[e] x), e = indices[t,k]."""
+    gu = mx.take(gate_up.dense(), indices, axis=0)  # (T, K, 2I, H)
     h = (gu @ x[:, None, :, None]).squeeze(-1)  # (T, K, 2I)
     inter = h.shape[-1] // 2
     a = nn.gelu_approx(h[..., :inter]) * h[..., inter:]
-    d = mx.take(down, indices, axis=0)  # (T, K, H, I)
+    d = mx.take(down.dense(), indices, axis=0)  # (T, K, H, I)
     y = (d @ a[..., None]).squeeze(-1)  # (T, K, H)
     return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
