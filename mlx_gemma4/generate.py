@@ -52,23 +52,35 @@ class GenerationChunk:
 
 
 # -- the decoding loop ----------------------------------------------------------------------------------------
-def prefill(model, ids: Sequence[int], prompt_cache: PromptCache, step_size: int = 512) -> mx.array:
-    """Run `ids` through the model into the caches, `step_size` tokens at a time; logits (1, V) of the last."""
+def prefill(model, ids: Sequence[int], prompt_cache: PromptCache, step_size: int = 512,
+            media: dict | None = None) -> mx.array:
+    """Run `ids` through the model into the caches, about `step_size` tokens at a time; logits (1, V) of the
+    last position. `media`: image/audio arrays for `model.prepare_inputs` (names as transformers' processor
+    outputs: pixel_values, image_position_ids, input_features, ...) whose soft tokens replace the prompt's
+    placeholder tokens; chunks then never split an image."""
     if not ids:
         raise ValueError("nothing to prefill: the prompt is empty (or entirely in the prompt cache)")
     ids_arr = mx.array(list(ids), dtype=mx.int32)[None]
-    while ids_arr.shape[1] > step_size:
-        model(ids_arr[:, :step_size], cache=prompt_cache.caches, last_only=True)
-        prompt_cache.eval()
-        ids_arr = ids_arr[:, step_size:]
-    logits = model(ids_arr, cache=prompt_cache.caches, last_only=True)[:, -1, :]
+    if media:
+        inputs = model.prepare_inputs(ids_arr, **media)
+        spans = inputs.chunks(step_size)
+        for start, end in spans[:-1]:
+            model(**inputs.span(start, end), cache=prompt_cache.caches, last_only=True)
+            prompt_cache.eval()
+        logits = model(**inputs.span(*spans[-1]), cache=prompt_cache.caches, last_only=True)[:, -1, :]
+    else:
+        while ids_arr.shape[1] > step_size:
+            model(ids_arr[:, :step_size], cache=prompt_cache.caches, last_only=True)
+            prompt_cache.eval()
+            ids_arr = ids_arr[:, step_size:]
+        logits = model(ids_arr, cache=prompt_cache.caches, last_only=True)[:, -1, :]
     prompt_cache.tokens.extend(int(i) for i in ids)
     return logits
 
 
 def generate_step(model, ids: Sequence[int], prompt_cache: PromptCache, sampler, *,
                   logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
-                  prefill_step_size: int = 512) -> Iterator[int]:
+                  prefill_step_size: int = 512, media: dict | None = None) -> Iterator[int]:
     """Yield up to max_tokens sampled ids after prefilling `ids`. Each yielded token except the last is fed
     back (and recorded in prompt_cache.tokens) before it is yielded, so the next step overlaps the caller."""
     history = mx.array(list(prompt_cache.tokens) + list(ids), dtype=mx.int32)[None] if logits_processors else None
@@ -82,7 +94,7 @@ def generate_step(model, ids: Sequence[int], prompt_cache: PromptCache, sampler,
             history = mx.concatenate([history, token[:, None].astype(mx.int32)], axis=1)
         return token
 
-    token = sample(prefill(model, ids, prompt_cache, prefill_step_size))
+    token = sample(prefill(model, ids, prompt_cache, prefill_step_size, media))
     mx.async_eval(token)
     for n in range(max_tokens):
         if n + 1 < max_tokens:  # feed this token while the caller handles it
@@ -106,10 +118,13 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
                     seed: int | None = None, repetition_penalty: float | None = None, sampler=None,
                     logits_processors: Sequence[LogitsProcessor] | None = None,
                     prompt_cache: PromptCache | None = None, stop_token_ids: Sequence[int] | None = None,
-                    prefill_step_size: int = 512, skip_special_tokens: bool = False) -> Iterator[GenerationChunk]:
+                    prefill_step_size: int = 512, skip_special_tokens: bool = False,
+                    media: dict | None = None) -> Iterator[GenerationChunk]:
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
     use_chat_template=False), a message list, or token ids. `prompt_cache`: caches holding a prefix of the
-    prompt's ids (only the rest is prefilled; it is updated in place). The last chunk carries finish_reason."""
+    prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
+    for token-id prompts whose placeholders are already expanded (see `prefill`). The last chunk carries
+    finish_reason."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
@@ -128,6 +143,8 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
         warnings.warn("the prompt does not extend the prompt cache's tokens; prefilling it from scratch")
         prompt_cache.caches, prompt_cache.tokens, cached = model.make_cache(), [], 0
     new_ids = ids[cached:]
+    if media and cached:
+        raise ValueError("image/audio prompts cannot start from a prompt cache yet; pass a fresh one")
 
     stats = GenerationStats(prompt_tokens=len(new_ids), cached_tokens=cached, blas=backend.blas_in_use)
     detok = processor.tokenizer.detokenizer(skip_special=skip_special_tokens)
@@ -135,7 +152,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     start = time.perf_counter()
     gen_start = start
     steps = generate_step(model, new_ids, prompt_cache, sampler, logits_processors=processors,
-                          max_tokens=max_tokens, prefill_step_size=prefill_step_size)
+                          max_tokens=max_tokens, prefill_step_size=prefill_step_size, media=media)
     text, token = "", None
     try:
         for n, token in enumerate(steps):

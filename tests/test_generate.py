@@ -154,3 +154,20 @@ def test_chat_session_after_stop_token_closes_turn_once(e2b):
     cached = len(session.cache.tokens)
     ids = session._turn_ids("next")
     assert processor.decode(ids[cached - 1:]) == "<turn|>\n<|turn>user\nnext<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+
+
+def test_media_prefill_path_matches_text_path(e2b):
+    """The multimodal prefill (model.prepare_inputs + chunk spans) with no media present generates exactly what
+    the text path does; a prompt cache prefix with media is refused."""
+    from mlx_gemma4.generate import prefill
+    from mlx_gemma4.prompt_cache import PromptCache
+
+    model, processor = e2b
+    ids = processor.prompt_ids(PROMPT)
+    kw = dict(max_tokens=8, stop_token_ids=[], prefill_step_size=7)
+    via_media = [c.token for c in stream_generate(model, processor, ids, media={"pixel_values": None}, **kw)]
+    assert via_media == [c.token for c in stream_generate(model, processor, ids, **kw)]
+    cache = PromptCache.fresh(model)
+    prefill(model, ids[:10], cache)
+    with pytest.raises(ValueError, match="prompt cache"):
+        next(stream_generate(model, processor, ids, media={"pixel_values": None}, prompt_cache=cache, **kw))
