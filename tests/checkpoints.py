@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 
 VOCAB = 512
+# Multimodal marker/placeholder ids inside the tiny vocabulary (the real ones are 255999..258884).
+MM_TOKEN_IDS = dict(boi_token_id=500, eoi_token_id=501, image_token_id=502, video_token_id=503, boa_token_id=504,
+                    eoa_token_index=505, audio_token_id=506)
 
 # Shared tiny text dimensions; variants override.
 _BASE_TEXT = dict(
@@ -279,7 +282,8 @@ def make_audio_checkpoint(out_dir: str | os.PathLike, variant: str = "e2b", *, s
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     out = Path(out_dir)
-    config = Gemma4Config(text_config=TEXT_VARIANTS[variant], vision_config=None, audio_config=tiny_audio_config())
+    config = Gemma4Config(text_config=TEXT_VARIANTS[variant], vision_config=None, audio_config=tiny_audio_config(),
+                          **MM_TOKEN_IDS)
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(config).float().eval()
     randomize_norms_and_scalars(model, seed)
