@@ -118,20 +118,25 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
                     seed: int | None = None, repetition_penalty: float | None = None, sampler=None,
                     logits_processors: Sequence[LogitsProcessor] | None = None,
                     prompt_cache: PromptCache | None = None, stop_token_ids: Sequence[int] | None = None,
-                    prefill_step_size: int = 512, skip_special_tokens: bool = False,
+                    prefill_step_size: int = 512, skip_special_tokens: bool = False, audio=None, images=None,
                     media: dict | None = None) -> Iterator[GenerationChunk]:
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
-    use_chat_template=False), a message list, or token ids. `prompt_cache`: caches holding a prefix of the
+    use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
+    arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
     prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
     for token-id prompts whose placeholders are already expanded (see `prefill`). The last chunk carries
     finish_reason."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
+        if audio is not None or images is not None:
+            raise ValueError("with token-id prompts pass processed media as `media=`, not audio=/images=")
         ids = [int(i) for i in prompt]
     else:
-        ids = processor.prompt_ids(prompt, system=system, enable_thinking=enable_thinking, tools=tools,
-                                   use_chat_template=use_chat_template)
+        ids, prompt_media = processor.prompt_inputs(
+            prompt, system=system, enable_thinking=enable_thinking, tools=tools,
+            use_chat_template=use_chat_template, images=images or (), audio=audio if audio is not None else ())
+        media = {**prompt_media, **(media or {})} or None
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed)
     processors = list(make_logits_processors(repetition_penalty)) + list(logits_processors or [])
     stop = set(processor.stop_token_ids if stop_token_ids is None else stop_token_ids)
@@ -301,14 +306,12 @@ def load_for_cli(model_id, dtype=None, quantize=None):
     return model, processor
 
 
-def _check_media(paths: list[str], kind: str) -> None:
+def _check_files(paths: list[str], kind: str) -> None:
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{kind}: no such file: {path}")
         if not os.access(path, os.R_OK):
             raise PermissionError(f"--{kind}: cannot read {path}")
-    if paths:
-        raise NotImplementedError(f"--{kind} is not supported yet: this build generates from text only")
 
 
 def _run_chat(model, processor, args, gen_kwargs) -> None:
@@ -350,8 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_chat_template and (args.system or args.thinking or args.chat):
         parser.error("--system, --thinking and --chat need the chat template (drop --no-chat-template)")
     try:
-        _check_media(args.image, "image")
-        _check_media(args.audio, "audio")
+        _check_files(args.image, "image")
+        _check_files(args.audio, "audio")
+        if args.image:
+            raise NotImplementedError("--image is not supported yet: this build takes text and audio")
+        if args.audio and (args.chat or args.prompt_cache or args.no_chat_template):
+            raise ValueError("--audio works with a single --prompt (not with --chat, --prompt-cache or "
+                             "--no-chat-template)")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, processor = load_for_cli(args.model, args.dtype, args.quantize)
         gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
@@ -364,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = None
         for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
                                      use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                     **gen_kwargs):
+                                     audio=args.audio or None, **gen_kwargs):
             print(chunk.text, end="", flush=True)
         print(flush=True)
         print(chunk.stats.summary(), file=sys.stderr)

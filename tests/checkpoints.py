@@ -306,15 +306,24 @@ _MERGES = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("e", "r"), ("a
            ("i", "t"), ("▁", "d"), ("▁", "1"), ("▁", "2"), ("▁", "n")]
 
 
-def make_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB, *, with_template: bool = True) -> Path:
+_MM_TOKEN_TEXT = {"boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+                  "video_token_id": "<|video|>", "boa_token_id": "<|audio>", "eoa_token_index": "<audio|>",
+                  "audio_token_id": "<|audio|>"}
+
+
+def make_tokenizer(out_dir: str | os.PathLike, vocab_size: int = VOCAB, *, with_template: bool = True,
+                   multimodal_ids: dict | None = None) -> Path:
     """Write tokenizer.json + tokenizer_config.json (+ chat_template.jinja: the package's built-in Gemma 4
-    template) into out_dir. Control tokens whose published id is >= vocab_size are left out."""
+    template) into out_dir. Control tokens whose published id is >= vocab_size are left out, unless
+    multimodal_ids (like MM_TOKEN_IDS) places the image/audio ones at the tiny checkpoints' ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
     specials = json.loads((Path(__file__).resolve().parent.parent / "mlx_gemma4" / "presets"
                            / "special_tokens.json").read_text())["tokens"]
     fixed = {tok["id"]: tok["content"] for tok in specials.values() if tok["id"] < vocab_size}
+    for key, tid in (multimodal_ids or {}).items():
+        fixed[tid] = _MM_TOKEN_TEXT[key]
     fixed[107] = "\n"
     pieces = [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + [chr(c) for c in range(33, 127)]
     pieces += ["".join(pair) for pair in _MERGES]

@@ -68,3 +68,11 @@ def chat_checkpoint(text_checkpoint, tokenizer_dir, tmp_path_factory):
         return made[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def audio_chat_checkpoint(tmp_path_factory):
+    """The tiny E2B-with-audio-tower checkpoint (checkpoints.make_audio_checkpoint) plus a 512-id tokenizer whose
+    image/audio control tokens sit at the checkpoint's ids (MM_TOKEN_IDS)."""
+    out = checkpoints.make_audio_checkpoint(tmp_path_factory.mktemp("chat-e2b-audio"))
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)

@@ -3,12 +3,16 @@
 `Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
 (chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one) and the stop tokens
 (generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>).
-Image and audio inputs are added by the multimodal processors.
+Audio clips (`prompt_inputs(..., audio=[...])`) go into the user turn as `{"type": "audio"}` items; each
+`<|audio|>` the template writes becomes `<|audio>` + N x `<|audio|>` + `<audio|>` (N soft tokens of that clip,
+transformers' Gemma4Processor.replace_audio_token) and the log-mel features come back as model inputs.
+Images are not wired yet.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +42,24 @@ def read_stop_token_ids(directory: Path, tokenizer: Tokenizer, config=None) -> l
     return ids
 
 
+def expand_placeholders(text: str, placeholder: str, begin: str, end: str, counts: list[int], kind: str) -> str:
+    """Replace the i-th `placeholder` in text by begin + counts[i] x placeholder + end."""
+    parts = text.split(placeholder)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"the prompt has {len(parts) - 1} {kind} placeholders but {len(counts)} {kind} inputs "
+                         f"were given")
+    out = [parts[0]]
+    for n, part in zip(counts, parts[1:]):
+        out += [begin, placeholder * n, end, part]
+    return "".join(out)
+
+
 @dataclass
 class Processor:
     tokenizer: Tokenizer
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
+    processor_config: dict = field(default_factory=dict)  # processor_config.json, if any
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
@@ -51,8 +68,10 @@ class Processor:
         if not (directory / "tokenizer.json").is_file():
             return None
         tokenizer = Tokenizer.from_pretrained(directory)
+        proc_file = directory / "processor_config.json"
         return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
-                   stop_token_ids=read_stop_token_ids(directory, tokenizer, config))
+                   stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
+                   processor_config=json.loads(proc_file.read_text()) if proc_file.is_file() else {})
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
@@ -82,6 +101,40 @@ class Processor:
         text = self.apply_chat_template(self.messages_for(prompt_or_messages, system), tools=tools,
                                         enable_thinking=enable_thinking)
         return self.tokenizer.encode(text, add_bos=True)
+
+    def prompt_inputs(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
+                      tools=None, use_chat_template: bool = True, images=(), audio=None) -> tuple[list[int], dict]:
+        """(token ids, media inputs for model.prepare_inputs). A string prompt with audio becomes one user turn
+        with the clips first, then the text; a message list must hold one {"type": "audio"} item per clip."""
+        if images:
+            raise NotImplementedError("image input is not supported yet: this build takes text and audio")
+        single = isinstance(audio, (str, bytes, bytearray, os.PathLike)) or hasattr(audio, "ndim")
+        if audio is None or (not single and len(audio) == 0):
+            ids = self.prompt_ids(prompt_or_messages, system=system, enable_thinking=enable_thinking, tools=tools,
+                                  use_chat_template=use_chat_template)
+            return ids, {}
+        if not use_chat_template:
+            raise ValueError("audio prompts need the chat template")
+        names = ("audio", "audio_start", "audio_end")
+        if any(self.tokenizer.token_id(n) is None for n in names):
+            raise ValueError("this tokenizer has no audio tokens (<|audio>, <|audio|>, <audio|>)")
+        from .audio import AudioFeatureExtractor, prepare_waveform
+
+        clips = [audio] if single else list(audio)
+        if isinstance(prompt_or_messages, str):
+            content = [{"type": "audio"} for _ in clips] + [{"type": "text", "text": prompt_or_messages}]
+            messages = self.messages_for("", system)
+            messages[-1]["content"] = content
+        else:
+            messages = self.messages_for(prompt_or_messages, system)
+        text = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
+        extractor_config = self.processor_config.get("feature_extractor")
+        extractor = AudioFeatureExtractor.from_dict(extractor_config) if extractor_config else AudioFeatureExtractor()
+        features = extractor([prepare_waveform(c) for c in clips])
+        audio_tok, begin, end = (self.tokenizer.token_text(n) for n in names)
+        text = expand_placeholders(text, audio_tok, begin, end, list(features.num_soft_tokens), "audio")
+        media = {"input_features": features.features, "input_features_mask": features.mask}
+        return self.tokenizer.encode(text, add_bos=True), media
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)
