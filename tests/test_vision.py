@@ -170,3 +170,37 @@ def test_tower_rejects_malformed_inputs():
     scrambled[0, 0] = (0, 40)  # a patch far outside the image's grid of cells
     with pytest.raises(ValueError, match="pooling cells"):
         tower(pv, mx.array(scrambled))
+
+
+def test_bfloat16_weights_run_and_stay_close(models):
+    """Checkpoints ship in bf16: the tower must run with bf16 weights (pooling/standardize kept in float32)."""
+    hf, _, _, _ = models
+    tower, embed, _ = load_ours(hf)
+    features = ImageProcessor()(pictures(4)[:2], max_soft_tokens=70)
+    args = (mx.array(features.pixel_values), mx.array(features.position_ids))
+    reference = np.array(embed(tower(*args)))
+    tower.set_dtype(mx.bfloat16)
+    embed.set_dtype(mx.bfloat16)
+    out = embed(tower(*args))
+    assert out.dtype == mx.bfloat16
+    err = np.abs(np.array(out.astype(mx.float32)) - reference).max() / np.abs(reference).max()
+    assert np.isfinite(err) and err < 0.1, err
+
+
+def test_video_frames_equal_transformers_video_features(models):
+    """Video frames go through the same tower: compare with Gemma4Model.get_video_features."""
+    import torch
+
+    from mlx_gemma4.processing.video import VideoProcessor
+
+    hf, tower, embed, _ = models
+    frames = np.stack(pictures(5)[2:3] * 3)  # 3 frames of 64x64
+    frames[1] = 255 - frames[1]
+    video = VideoProcessor()(frames)
+    pv, pos = torch.tensor(video.pixel_values), torch.tensor(video.position_ids)
+    with torch.no_grad():
+        theirs = hf.model.get_video_features(pv, pos, num_frames_per_video=torch.tensor([3])).pooler_output
+    ours = embed(tower(mx.array(video.pixel_values), mx.array(video.position_ids)))
+    theirs = torch.cat(theirs)  # split per video
+    assert ours.shape[0] == video.num_soft_tokens
+    assert rel_err(ours, theirs) < REL_TOL
