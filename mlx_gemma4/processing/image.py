@@ -255,7 +255,8 @@ class ImageProcessor:
         expected = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "resample": 3}
         for key, value in expected.items():
             if key in d and d[key] != value:
-                raise ValueError(f"Unsupported image processor setting {key}={d[key]!r} (only {value!r} is implemented)")
+                raise ValueError(f"Unsupported image processor setting {key}={d[key]!r} "
+                                 f"(only {value!r} is implemented)")
         if "rescale_factor" in d and not math.isclose(d["rescale_factor"], RESCALE_FACTOR, rel_tol=1e-9):
             raise ValueError(f"Unsupported rescale_factor {d['rescale_factor']!r} (only 1/255 is implemented)")
         if d.get("do_normalize"):
