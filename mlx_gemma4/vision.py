@@ -16,7 +16,18 @@ Contract (what the top-level model calls):
     embeds = embed_vision(soft)                                       # (N, text hidden)
 
 `embeds[i]` replaces the embedding of the i-th `<|image|>` token (image_token_id) of the prompt, in prompt
-order; P = 9 * budget and each image contributes exactly num_soft_tokens rows.
+order; P = 9 * budget and each image contributes exactly num_soft_tokens rows. One call takes one budget
+(all images padded to the same P); images at different budgets need one call each. Video frames
+(mlx_gemma4.processing.video) go through the same two modules, frames as the batch, and replace the
+`<|video|>` tokens (video_token_id) in order.
+
+Wiring in the top-level model (Gemma4Model.forward in transformers):
+  - token ids of image/video/audio placeholders are replaced by pad_token_id before the embedding lookup,
+    and the per-layer (PLE) inputs of E2B/E4B are computed from those pad ids, not the placeholder ids;
+  - the soft tokens then overwrite the placeholder positions (masked_scatter), count-checked;
+  - with `use_bidirectional_attention == "vision"` (26B/31B) tokens of one image (a maximal run of
+    image/video placeholder tokens, mm_token_type_ids 1/2) see each other: sliding layers use
+    (causal OR same block) AND kv > q - window; full-attention layers stay purely causal.
 
 Forward pass (modeling_gemma4.py, Gemma4VisionModel):
   patch embedding  x -> input_proj(2x - 1) + table[0][pos_x] + table[1][pos_y] (zero on padding patches)
