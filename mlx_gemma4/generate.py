@@ -135,7 +135,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     else:
         ids, prompt_media = processor.prompt_inputs(
             prompt, system=system, enable_thinking=enable_thinking, tools=tools,
-            use_chat_template=use_chat_template, images=images or (), audio=audio if audio is not None else ())
+            use_chat_template=use_chat_template, images=images, audio=audio)
         media = {**prompt_media, **(media or {})} or None
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed)
     processors = list(make_logits_processors(repetition_penalty)) + list(logits_processors or [])
@@ -355,10 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_files(args.image, "image")
         _check_files(args.audio, "audio")
-        if args.image:
-            raise NotImplementedError("--image is not supported yet: this build takes text and audio")
-        if args.audio and (args.chat or args.prompt_cache or args.no_chat_template):
-            raise ValueError("--audio works with a single --prompt (not with --chat, --prompt-cache or "
+        if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
+            raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
                              "--no-chat-template)")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, processor = load_for_cli(args.model, args.dtype, args.quantize)
@@ -372,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = None
         for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
                                      use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                     audio=args.audio or None, **gen_kwargs):
+                                     images=args.image or None, audio=args.audio or None, **gen_kwargs):
             print(chunk.text, end="", flush=True)
         print(flush=True)
         print(chunk.stats.summary(), file=sys.stderr)

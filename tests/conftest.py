@@ -92,3 +92,13 @@ def audio_chat_checkpoint(tmp_path_factory):
     image/audio control tokens sit at the checkpoint's ids (MM_TOKEN_IDS)."""
     out = checkpoints.make_audio_checkpoint(tmp_path_factory.mktemp("chat-e2b-audio"))
     return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@pytest.fixture(scope="session")
+def vision_chat_checkpoint(multimodal_checkpoint, tmp_path_factory):
+    """multimodal_checkpoint("e2b") (text + vision tower) plus the 512-id tokenizer with MM_TOKEN_IDS."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("chat-e2b-vision")
+    shutil.copytree(multimodal_checkpoint("e2b"), out, dirs_exist_ok=True)
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)

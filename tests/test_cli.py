@@ -85,7 +85,7 @@ def test_generate_cli_file_errors(chat_checkpoint, tmp_path, capsys):
         assert "--audio: cannot read" in _main_error([*base, "--audio", str(unreadable)], capsys)
     image = tmp_path / "cat.png"
     image.write_bytes(b"\x89PNG")
-    assert "--image is not supported yet" in _main_error([*base, "--image", str(image)], capsys)
+    assert "cat.png" in _main_error([*base, "--image", str(image)], capsys)  # not a decodable image
     assert "prompt cache file not found" in _main_error([*base, "--prompt-cache", str(tmp_path / "c.safetensors")],
                                                        capsys)
     broken = tmp_path / "broken"

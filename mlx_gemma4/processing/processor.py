@@ -3,10 +3,10 @@
 `Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
 (chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one) and the stop tokens
 (generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>).
-Audio clips (`prompt_inputs(..., audio=[...])`) go into the user turn as `{"type": "audio"}` items; each
-`<|audio|>` the template writes becomes `<|audio>` + N x `<|audio|>` + `<audio|>` (N soft tokens of that clip,
-transformers' Gemma4Processor.replace_audio_token) and the log-mel features come back as model inputs.
-Images are not wired yet.
+Images and audio clips (`prompt_inputs(..., images=[...], audio=[...])`) go into the user turn as
+`{"type": "image"}` / `{"type": "audio"}` items; each `<|image|>` / `<|audio|>` the template writes becomes
+`<|image>` + N x `<|image|>` + `<image|>` (N soft tokens of that input; transformers' Gemma4Processor
+replace_image_token / replace_audio_token), and the pixel patches / log-mel features come back as model inputs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def read_stop_token_ids(directory: Path, tokenizer: Tokenizer, config=None) -> l
         if tid is not None and tid not in ids:
             ids.append(tid)
     return ids
+
+
+def _as_list(media) -> list:
+    """One input (path, bytes, array, PIL image) or a list/tuple of them -> list."""
+    if media is None:
+        return []
+    return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
 def expand_placeholders(text: str, placeholder: str, begin: str, end: str, counts: list[int], kind: str) -> str:
@@ -103,38 +110,50 @@ class Processor:
         return self.tokenizer.encode(text, add_bos=True)
 
     def prompt_inputs(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
-                      tools=None, use_chat_template: bool = True, images=(), audio=None) -> tuple[list[int], dict]:
-        """(token ids, media inputs for model.prepare_inputs). A string prompt with audio becomes one user turn
-        with the clips first, then the text; a message list must hold one {"type": "audio"} item per clip."""
-        if images:
-            raise NotImplementedError("image input is not supported yet: this build takes text and audio")
-        single = isinstance(audio, (str, bytes, bytearray, os.PathLike)) or hasattr(audio, "ndim")
-        if audio is None or (not single and len(audio) == 0):
+                      tools=None, use_chat_template: bool = True, images=None, audio=None,
+                      max_soft_tokens: int | None = None) -> tuple[list[int], dict]:
+        """(token ids, media inputs for model.prepare_inputs). A string prompt with media becomes one user turn
+        with the images, then the audio clips, then the text; a message list must hold one {"type": "image"} /
+        {"type": "audio"} item per input. max_soft_tokens: image token budget (70, 140, 280, 560, 1120)."""
+        images, audio = _as_list(images), _as_list(audio)
+        if not images and not audio:
             ids = self.prompt_ids(prompt_or_messages, system=system, enable_thinking=enable_thinking, tools=tools,
                                   use_chat_template=use_chat_template)
             return ids, {}
         if not use_chat_template:
-            raise ValueError("audio prompts need the chat template")
-        names = ("audio", "audio_start", "audio_end")
-        if any(self.tokenizer.token_id(n) is None for n in names):
-            raise ValueError("this tokenizer has no audio tokens (<|audio>, <|audio|>, <audio|>)")
-        from .audio import AudioFeatureExtractor, prepare_waveform
-
-        clips = [audio] if single else list(audio)
+            raise ValueError("image/audio prompts need the chat template")
         if isinstance(prompt_or_messages, str):
-            content = [{"type": "audio"} for _ in clips] + [{"type": "text", "text": prompt_or_messages}]
+            content = ([{"type": "image"} for _ in images] + [{"type": "audio"} for _ in audio]
+                       + [{"type": "text", "text": prompt_or_messages}])
             messages = self.messages_for("", system)
             messages[-1]["content"] = content
         else:
             messages = self.messages_for(prompt_or_messages, system)
         text = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
-        extractor_config = self.processor_config.get("feature_extractor")
-        extractor = AudioFeatureExtractor.from_dict(extractor_config) if extractor_config else AudioFeatureExtractor()
-        features = extractor([prepare_waveform(c) for c in clips])
-        audio_tok, begin, end = (self.tokenizer.token_text(n) for n in names)
-        text = expand_placeholders(text, audio_tok, begin, end, list(features.num_soft_tokens), "audio")
-        media = {"input_features": features.features, "input_features_mask": features.mask}
+        media: dict = {}
+        if images:
+            from .image import ImageProcessor
+
+            features = ImageProcessor.from_dict(self.processor_config.get("image_processor", {}))(
+                images, max_soft_tokens)
+            text = self._expand(text, "image", features.num_soft_tokens)
+            media.update(pixel_values=features.pixel_values, image_position_ids=features.position_ids)
+        if audio:
+            from .audio import AudioFeatureExtractor, prepare_waveform
+
+            config = self.processor_config.get("feature_extractor")
+            extractor = AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
+            features = extractor([prepare_waveform(c) for c in audio])
+            text = self._expand(text, "audio", list(features.num_soft_tokens))
+            media.update(input_features=features.features, input_features_mask=features.mask)
         return self.tokenizer.encode(text, add_bos=True), media
+
+    def _expand(self, text: str, kind: str, counts: list[int]) -> str:
+        names = (kind, f"{kind}_start", f"{kind}_end")
+        tokens = [self.tokenizer.token_text(n) for n in names]
+        if any(t is None for t in tokens):
+            raise ValueError(f"this tokenizer has no {kind} tokens (<|{kind}>, <|{kind}|>, <{kind}|>)")
+        return expand_placeholders(text, tokens[0], tokens[1], tokens[2], counts, kind)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)

@@ -1,4 +1,4 @@
-"""Audio prompts through the processor and generate: placeholder expansion, features passed to the model, CLI."""
+"""Image and audio prompts through the processor and generate: placeholder expansion, media passed to the model, CLI."""
 
 from __future__ import annotations
 
@@ -73,8 +73,6 @@ def test_audio_errors(audio_model, chat_checkpoint):
                                                                {"type": "text", "text": "hi"}]}], audio=[tone(0.2, 0)])
     with pytest.raises(ValueError, match="too short|at least"):
         processor.prompt_inputs("hi", audio=[np.zeros(10, np.float32)])
-    with pytest.raises(NotImplementedError, match="image input is not supported yet"):
-        processor.prompt_inputs("hi", images=["cat.png"])
     text_model, text_processor = load(chat_checkpoint("e2b"))
     with pytest.raises(ValueError, match="no audio tokens"):
         text_processor.prompt_inputs("hi", audio=[tone(0.2, 0)])
@@ -112,4 +110,57 @@ def test_generate_cli_audio_errors(audio_chat_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "junk.wav" in err and "Traceback" not in err
     assert gen_cli.main([*base, "--audio", str(junk), "--chat"]) == 1
-    assert "--audio works with a single --prompt" in capsys.readouterr().err
+    assert "--image/--audio work with a single --prompt" in capsys.readouterr().err
+
+
+def picture(seed: int, height: int = 64, width: int = 80) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 200
+    return np.clip(base + rng.randint(0, 50, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def test_image_prompt_expands_and_generates_like_manual_prefill(vision_chat_checkpoint):
+    from mlx_gemma4.processing.image import ImageProcessor
+
+    model, processor = load(vision_chat_checkpoint, dtype="float32")
+    images = [picture(0), picture(1, 96, 48)]
+    ids, media = processor.prompt_inputs("Compare them.", images=images, max_soft_tokens=70)
+    counts = ImageProcessor()(images, 70).num_soft_tokens
+    text = processor.decode(ids)
+    assert text.startswith("<bos><|turn>user\n\n\n<|image>") and "<image|>\n\nCompare them." in text
+    blocks = [i for i, t in enumerate(ids) if t == T["boi_token_id"]]
+    assert len(blocks) == 2
+    for start, n in zip(blocks, counts):
+        assert ids[start + 1:start + 1 + n] == [T["image_token_id"]] * n and ids[start + 1 + n] == T["eoi_token_id"]
+    assert set(media) == {"pixel_values", "image_position_ids"}
+
+    tokens = [c.token for c in stream_generate(model, processor, ids, media=media, max_tokens=6,
+                                               stop_token_ids=[], prefill_step_size=16)]
+    inputs = model.prepare_inputs(mx.array([ids]), **media)
+    cache = model.make_cache()
+    logits = model(**inputs.span(0, inputs.length), cache=cache)
+    manual = []
+    for _ in range(6):
+        manual.append(int(mx.argmax(logits[0, -1])))
+        logits = model(mx.array([[manual[-1]]]), cache=cache)
+    assert tokens == manual
+    via_images = [c.token for c in stream_generate(model, processor, "Compare them.", images=images,
+                                                   max_tokens=6, stop_token_ids=[])]
+    default_budget_ids, _ = processor.prompt_inputs("Compare them.", images=images)
+    assert len(default_budget_ids) > len(ids)  # 280-token default budget: more soft tokens than 70
+    assert len(via_images) == 6
+
+
+def test_generate_cli_with_image_file(vision_chat_checkpoint, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "pic.png"
+    Image.fromarray(picture(2)).save(png)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", "--model", str(vision_chat_checkpoint),
+                        "--prompt", "What is this?", "--image", str(png), "--max-tokens", "4"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)), cwd=root,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "generation: 4 tokens" in r.stderr
