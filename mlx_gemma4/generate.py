@@ -119,7 +119,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
                     logits_processors: Sequence[LogitsProcessor] | None = None,
                     prompt_cache: PromptCache | None = None, stop_token_ids: Sequence[int] | None = None,
                     prefill_step_size: int = 512, skip_special_tokens: bool = False, audio=None, images=None,
-                    media: dict | None = None) -> Iterator[GenerationChunk]:
+                    max_soft_tokens: int | None = None, media: dict | None = None) -> Iterator[GenerationChunk]:
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
@@ -135,7 +135,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     else:
         ids, prompt_media = processor.prompt_inputs(
             prompt, system=system, enable_thinking=enable_thinking, tools=tools,
-            use_chat_template=use_chat_template, images=images, audio=audio)
+            use_chat_template=use_chat_template, images=images, audio=audio, max_soft_tokens=max_soft_tokens)
         media = {**prompt_media, **(media or {})} or None
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed)
     processors = list(make_logits_processors(repetition_penalty)) + list(logits_processors or [])
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--image", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--max-soft-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
+                   help="soft tokens per image (default: the checkpoint's, 280)")
     p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
     p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `python -m mlx_gemma4.prompt_cache`")
@@ -370,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = None
         for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
                                      use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                     images=args.image or None, audio=args.audio or None, **gen_kwargs):
+                                     images=args.image or None, audio=args.audio or None,
+                                     max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
             print(chunk.text, end="", flush=True)
         print(flush=True)
         print(chunk.stats.summary(), file=sys.stderr)

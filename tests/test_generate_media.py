@@ -1,4 +1,4 @@
-"""Image and audio prompts through the processor and generate: placeholder expansion, media passed to the model, CLI."""
+"""Image and audio prompts: placeholder expansion, media passed to the model, generate, CLI."""
 
 from __future__ import annotations
 
@@ -155,12 +155,17 @@ def test_image_prompt_expands_and_generates_like_manual_prefill(vision_chat_chec
 def test_generate_cli_with_image_file(vision_chat_checkpoint, tmp_path):
     from PIL import Image
 
+    from mlx_gemma4.processing.image import ImageProcessor
+
     png = tmp_path / "pic.png"
     Image.fromarray(picture(2)).save(png)
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", "--model", str(vision_chat_checkpoint),
-                        "--prompt", "What is this?", "--image", str(png), "--max-tokens", "4"],
+                        "--prompt", "What is this?", "--image", str(png), "--max-tokens", "4",
+                        "--max-soft-tokens", "70"],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)), cwd=root,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "generation: 4 tokens" in r.stderr
+    n_image = ImageProcessor()([picture(2)], 70).num_soft_tokens[0]
+    assert int(r.stderr.split("prompt: ")[1].split(" tokens")[0]) > n_image
