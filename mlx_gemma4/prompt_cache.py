@@ -7,7 +7,8 @@ ids, the model's layer layout); `load_prompt_cache` rebuilds the caches, includi
 caches whose ring buffer has wrapped (their last `window` entries are stored, oldest first).
 
     python -m mlx_gemma4.prompt_cache --model PATH --system "long instructions" --out sys.safetensors
-    python -m mlx_gemma4.generate --model PATH --prompt-cache sys.safetensors --system "long instructions" --prompt "question"
+    python -m mlx_gemma4.generate --model PATH --prompt-cache sys.safetensors --system "long instructions" \
+        --prompt "question"
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def tokenizer_dir(tmp_path_factory):
 
     def make(vocab_size: int = checkpoints.VOCAB) -> Path:
         if vocab_size not in made:
-            made[vocab_size] = checkpoints.make_tokenizer(tmp_path_factory.mktemp(f"tokenizer-{vocab_size}"), vocab_size)
+            out = tmp_path_factory.mktemp(f"tokenizer-{vocab_size}")
+            made[vocab_size] = checkpoints.make_tokenizer(out, vocab_size)
         return made[vocab_size]
 
     return make

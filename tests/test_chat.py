@@ -180,7 +180,8 @@ def test_parsed_tool_call_round_trips_through_template(setup):
     tok, template, _ = setup
     args = {"city": "Paris", "days": 2, "opts": {"metric": True, "langs": ["fr", "en"]}}
     rendered = render_chat(template, [{"role": "user", "content": "q"},
-                                      {"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": args}}]}],
+                                      {"role": "assistant",
+                                       "tool_calls": [{"function": {"name": "w", "arguments": args}}]}],
                            special_tokens=tok.special_tokens_map, add_generation_prompt=False)
     assert parse_tool_calls(rendered) == [ToolCall("w", args)]
 
@@ -193,6 +194,7 @@ def test_parse_tool_calls_rejects_malformed(bad):
 
 
 def test_split_thinking():
-    assert split_thinking("<|channel>thought\nLet me see.<channel|>The answer is 4.") == ("Let me see.", "The answer is 4.")
+    thought = "<|channel>thought\nLet me see.<channel|>The answer is 4."
+    assert split_thinking(thought) == ("Let me see.", "The answer is 4.")
     assert split_thinking("plain") == ("", "plain")
     assert split_thinking("<|channel>thought\nunfinished") == ("unfinished", "")

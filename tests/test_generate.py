@@ -153,7 +153,8 @@ def test_chat_session_after_stop_token_closes_turn_once(e2b):
     assert first[-1].stats.finish_reason == "stop" and session.cache.tokens[-1] == 106  # fed, not printed
     cached = len(session.cache.tokens)
     ids = session._turn_ids("next")
-    assert processor.decode(ids[cached - 1:]) == "<turn|>\n<|turn>user\nnext<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    expected = "<turn|>\n<|turn>user\nnext<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    assert processor.decode(ids[cached - 1:]) == expected
 
 
 def test_media_prefill_path_matches_text_path(e2b):

@@ -165,7 +165,9 @@ def _type_schema(hint) -> dict:
             raise TypeError(f"cannot describe {hint!r}: use list[...] for variable-length sequences")
         return {"type": "array", "prefixItems": [_type_schema(a) for a in args]}
     if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(args[1])} if len(args) == 2 else {"type": "object"}
+        if len(args) == 2:
+            return {"type": "object", "additionalProperties": _type_schema(args[1])}
+        return {"type": "object"}
     raise TypeError(f"cannot describe type hint {hint!r} as JSON schema; pass a JSON schema dict instead")
 
 

@@ -50,7 +50,10 @@ class Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from e
         special = {}
         for name, tok in gemma4_special_tokens().items():
-            content = (config or {}).get(f"{name}_token", tok["content"]) if name in ("bos", "eos", "pad", "unk") else tok["content"]
+            content = tok["content"]
+            if name in ("bos", "eos", "pad", "unk"):  # tokenizer_config.json may rename these
+                named = (config or {}).get(f"{name}_token")
+                content = named if isinstance(named, str) else content
             tid = backend.token_to_id(content)
             if tid is not None:
                 special[name] = tid
