@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import KVCache, RotatingKVCache
+from .cache import RotatingKVCache
 
 FORMAT = "mlx-gemma4-prompt-cache/1"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mlx_gemma4.generate import ChatSession, generate, stream_generate

@@ -91,7 +91,7 @@ def test_generate_cli_with_audio_file(audio_chat_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "generation: 5 tokens" in r.stderr
     n_audio = AudioFeatureExtractor()([tone(0.5, 3)]).num_soft_tokens[0]
-    assert n_audio > 5 and f"prompt: " in r.stderr
+    assert n_audio > 5 and "prompt: " in r.stderr
     prompt_tokens = int(r.stderr.split("prompt: ")[1].split(" tokens")[0])
     assert prompt_tokens > n_audio  # the clip's soft tokens are part of the prompt
     bad = subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", "--model", str(audio_chat_checkpoint),

@@ -95,8 +95,8 @@ def test_repetition_penalty_matches_definition():
 
 def test_processors_compose_in_order():
     logits = mx.array([[2.0, 1.0, 0.0]])
-    ban_first = lambda tokens, l: mx.concatenate([mx.full((1, 1), -mx.inf), l[:, 1:]], axis=-1)  # noqa: E731
-    double = lambda tokens, l: l * 2  # noqa: E731
+    ban_first = lambda tokens, x: mx.concatenate([mx.full((1, 1), -mx.inf), x[:, 1:]], axis=-1)  # noqa: E731
+    double = lambda tokens, x: x * 2  # noqa: E731
     procs = [*make_logits_processors(repetition_penalty=4.0), double, ban_first]
     out = apply_logits_processors(procs, mx.array([[1]]), logits)
     np.testing.assert_allclose(np.array(out), [[-np.inf, 0.5, 0.0]])

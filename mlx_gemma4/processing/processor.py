@@ -12,7 +12,6 @@ replace_image_token / replace_audio_token), and the pixel patches / log-mel feat
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
