@@ -171,3 +171,21 @@ def test_media_prefill_path_matches_text_path(e2b):
     prefill(model, ids[:10], cache)
     with pytest.raises(ValueError, match="prompt cache"):
         next(stream_generate(model, processor, ids, media={"pixel_values": None}, prompt_cache=cache, **kw))
+
+
+def test_tools_and_thinking_reach_the_prompt(e2b):
+    model, processor = e2b
+
+    def lookup(word: str) -> str:
+        """Look a word up.
+
+        Args:
+            word: The word.
+        """
+
+    for kwargs in ({"tools": [lookup]}, {"enable_thinking": True}):
+        chunks = list(stream_generate(model, processor, PROMPT, max_tokens=2, stop_token_ids=[], **kwargs))
+        ids = processor.prompt_ids(PROMPT, **kwargs)
+        assert chunks[-1].stats.prompt_tokens == len(ids) > len(processor.prompt_ids(PROMPT))
+    text = processor.decode(processor.prompt_ids(PROMPT, tools=[lookup]))
+    assert "<|tool>declaration:lookup{" in text
