@@ -351,6 +351,7 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size (the same for every system)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--skip-ours", action="store_true", help="run only the peers (e.g. to add one to a saved run)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not (args.model / "config.json").exists():
@@ -367,7 +368,9 @@ def main(argv=None) -> None:
     unknown = [p for p in peers if p not in SYSTEMS[1:]]
     if unknown:
         raise SystemExit(f"error: unknown peer(s) {unknown}; expected {', '.join(SYSTEMS[1:])}")
-    systems = ["mlx-gemma4", *peers]
+    systems = peers if args.skip_ours else ["mlx-gemma4", *peers]
+    if not systems:
+        raise SystemExit("error: nothing to run (--skip-ours without --peers)")
     raw = {s: [] for s in systems}
     for r in range(args.repeat):  # interleave systems so background load affects them alike
         for s in systems:
