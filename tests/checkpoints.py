@@ -170,6 +170,40 @@ def load_hf(path, dtype=None):
     return model.eval()
 
 
+# ---- Gemma 3 text (the subset of Gemma 4's decoder that real offline weights use) -----------------
+
+GEMMA3_TEXT = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+    layer_types=_pattern(7, 6), rope_theta=1000000.0, rope_local_base_freq=10000.0,
+    final_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+    max_position_embeddings=4096, tie_word_embeddings=True,
+)
+
+
+def make_gemma3_checkpoint(out_dir: str | os.PathLike, seed: int = 0, extra: dict | None = None) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**dict(GEMMA3_TEXT, **(extra or {})))).float().eval()
+    # Gemma 3 norms multiply by (1 + w): transformers inits w = 0, so set w = 0.3*randn for the same effect.
+    randomize_norms_and_scalars(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.sub_(1.0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def load_hf_gemma3(path):
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    return Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GGUF checkpoints (gguf helper): a make_text_checkpoint() checkpoint rewritten as a llama.cpp `gemma4` GGUF,
 # the way llama.cpp's convert_hf_to_gguf.py (Gemma4Model) writes one: llama.cpp tensor names from the gguf
