@@ -5,9 +5,10 @@
   weights    {HF tensor name: float32 numpy array}, e.g. "model.layers.0.self_attn.q_proj.weight"
   tokenizer  a `tokenizers.Tokenizer` rebuilt from the `tokenizer.ggml.*` metadata; it tokenizes like llama.cpp
 
-Supported architectures: llama.cpp's `gemma3` (text) and `gemma4` (text). Every llama.cpp quantization type is
-dequantized (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K with the numpy kernels below; the rarer ones through the
-`gguf` package's reference dequantizers).
+Supported architectures: llama.cpp's `gemma3` (text) and `gemma4` (text). Tensor types: F32, F16, BF16, F64, the
+integer types, and Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K with the numpy kernels below (bit-exact with the `gguf`
+package's reference dequantizers); any other type the `gguf` package can dequantize (Q2_K,
+Q3_K, IQ*, TQ*, MXFP4, ...) through it. Anything else is a clear error.
 
 Conventions undone here (see llama.cpp's convert_hf_to_gguf.py, `Gemma3Model.modify_tensors` /
 `Gemma4Model.norm_shift`):
@@ -628,16 +629,16 @@ def _spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> lis
     llama.cpp repeatedly joins the adjacent pair of symbols whose concatenation is the vocabulary piece with the
     highest score. A BPE model does the same when it holds one merge per way of splitting each piece into two
     pieces, ranked by the joined piece's score (highest first)."""
-    normal = types == TokenType.NORMAL
-    pieces = {t for t, n in zip(tokens, normal) if n}
-    order = sorted(np.flatnonzero(normal).tolist(), key=lambda i: (-float(scores[i]), i))
-    merges = []
-    for i in order:
+    normal_ids = np.flatnonzero(types == TokenType.NORMAL)
+    order = normal_ids[np.lexsort((normal_ids, -scores[normal_ids]))]  # by score, highest first; then by id
+    pieces = {tokens[i] for i in normal_ids}
+    merges: list[tuple[str, str]] = []
+    for i in order.tolist():
         piece = tokens[i]
         for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in pieces and right in pieces:
-                merges.append((left, right))
+            left = piece[:k]
+            if left in pieces and piece[k:] in pieces:
+                merges.append((left, piece[k:]))
     return merges
 
 
