@@ -73,6 +73,9 @@ class Gemma4(nn.Module):
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         H = config.text.hidden_size
+        placeholders = [t for t in (config.image_token_id, config.video_token_id, config.audio_token_id)
+                        if t is not None and config.model_type == "gemma4"]
+        self._placeholder_ids = mx.array(placeholders) if placeholders else None
         if config.vision is not None:
             from .vision import MultimodalEmbedder, VisionConfig, VisionTower
 
@@ -154,6 +157,10 @@ class Gemma4(nn.Module):
     def __call__(self, input_ids: mx.array, cache=None, *, inputs_embeds: mx.array | None = None,
                  block_ids: mx.array | None = None, last_only: bool = False) -> mx.array:
         input_ids = self.check_ids(input_ids)
+        if inputs_embeds is None and self._placeholder_ids is not None:
+            # As transformers' Gemma4Model: placeholder ids without their features embed as padding.
+            is_mm = mx.any(input_ids[..., None] == self._placeholder_ids, axis=-1)
+            input_ids = mx.where(is_mm, self.text_config.pad_token_id, input_ids)
         h = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, block_ids=block_ids,
                                 last_only=last_only)
         return self.logits(h)
