@@ -247,6 +247,22 @@ def test_load_gguf_logits_equal_safetensors(gemma4_gguf, variant):
     assert np.abs(a).max() > 0
 
 
+def test_load_gguf_processor_and_cli(gemma4_gguf, capsys):
+    """load() of a GGUF returns a processor around the GGUF tokenizer (raw-text template for a base model without
+    one), and the generate CLI runs on a .gguf path."""
+    from mlx_gemma4.generate import main
+    from mlx_gemma4.loading import load
+
+    _, path = gemma4_gguf("e2b")
+    _, processor = load(path, dtype="float32")
+    tokens, _, _ = checkpoints.gguf_test_vocab()
+    expected = G.gguf_tokenizer(G.open_gguf(path)).encode("the cat").ids
+    assert processor.prompt_ids("the cat") == expected  # the raw-text template adds only <bos>
+    assert processor.stop_token_ids == [tokens.index("<eos>"), tokens.index("<end_of_turn>")]
+    assert main(["--model", str(path), "--prompt", "the cat", "--max-tokens", "3", "--dtype", "float32"]) == 0
+    assert "generation: 3 tokens" in capsys.readouterr().err
+
+
 def test_load_gguf_bad_paths(tmp_path):
     from mlx_gemma4.loading import load, resolve_gguf
 
