@@ -27,7 +27,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, TokenType
@@ -424,16 +424,14 @@ def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
     raise ValueError(f"unknown tensor {gguf_name!r} for GGUF architecture {arch!r}")
 
 
-def read_weights(gf: GGUFFile) -> dict[str, np.ndarray]:
-    """Every model tensor dequantized to float32 under its HF name (gemma3 norm shift undone)."""
+def iter_weights(gf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) for every model tensor, dequantized one at a time (gemma3 norm shift undone)."""
     arch = _check_architecture(gf)
-    weights: dict[str, np.ndarray] = {}
-    split_experts: dict[str, dict[str, np.ndarray]] = {}
+    split_experts: dict[str, dict[str, str]] = {}
     for name in gf.tensors:
         block_part = name.split(".", 2)[-1]
         if arch == "gemma4" and name.startswith("blk.") and block_part in _SPLIT_EXPERTS:
-            layer = name.split(".")[1]
-            split_experts.setdefault(layer, {})[block_part] = gf.tensor(name)
+            split_experts.setdefault(name.split(".")[1], {})[block_part] = name
             continue
         hf_name = hf_tensor_name(name, arch)
         if hf_name is None:
@@ -441,13 +439,17 @@ def read_weights(gf: GGUFFile) -> dict[str, np.ndarray]:
         value = gf.tensor(name)
         if arch == "gemma3" and name.endswith("norm.weight"):
             value -= 1.0  # llama.cpp stores Gemma 3's (1 + w); HF's Gemma3RMSNorm adds the 1 itself
-        weights[hf_name] = value
+        yield hf_name, value
     for layer, parts in split_experts.items():
         if len(parts) != 2:
             raise ValueError(f"{gf.path}: layer {layer} has only {sorted(parts)} of the expert gate/up pair")
-        gate, up = parts[_SPLIT_EXPERTS[0]], parts[_SPLIT_EXPERTS[1]]
-        weights[f"model.layers.{layer}.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
-    return weights
+        gate_up = [gf.tensor(parts[p]) for p in _SPLIT_EXPERTS]  # (E, I, H) each -> HF's (E, 2I, H), gate first
+        yield f"model.layers.{layer}.experts.gate_up_proj", np.concatenate(gate_up, axis=1)
+
+
+def read_weights(gf: GGUFFile) -> dict[str, np.ndarray]:
+    """Every model tensor dequantized to float32 under its HF name."""
+    return dict(iter_weights(gf))
 
 
 def _check_architecture(gf: GGUFFile) -> str:

@@ -305,7 +305,12 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quan
 
     gf = gguf.open_gguf(path)
     config = ModelConfig.from_dict(gguf.gguf_config(gf))
-    weights = {k: mx.array(v) for k, v in gguf.read_weights(gf).items()}
+    # tensor by tensor into the target dtype: never the whole model in float32 at once
+    target = backend.resolve_dtype(dtype, quantized=bool(quantize))
+    weights = {}
+    for name, value in gguf.iter_weights(gf):
+        weights[name] = mx.array(value).astype(target)
+        mx.eval(weights[name])
     model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy)
     return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
 

@@ -534,11 +534,12 @@ def gguf_test_vocab(size: int = VOCAB) -> tuple[list[str], list[int], list[tuple
 
 
 def make_gemma4_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike,
-                     tensor_type: str = "F32") -> Path:
+                     tensor_type: str = "F32", split_experts: bool = False) -> Path:
     """Write the Gemma4ForCausalLM checkpoint in checkpoint_dir as a llama.cpp gemma4 GGUF file.
 
     tensor_type: "F32", "F16", "BF16" or "Q8_0" for the weight matrices (norms, scalars and rows that are not a
-    whole number of quantization blocks stay F32, as llama.cpp's converter does)."""
+    whole number of quantization blocks stay F32, as llama.cpp's converter does). split_experts: store the MoE
+    gate/up banks as separate ffn_gate_exps/ffn_up_exps tensors (which llama.cpp also reads)."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -607,9 +608,18 @@ def make_gemma4_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathL
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n_layers)
     qtype = gguf.GGMLQuantizationType[tensor_type]
+    for hf_name, value in list(weights.items()):
+        if split_experts and hf_name.endswith("experts.gate_up_proj"):
+            gate, up = np.split(weights.pop(hf_name), 2, axis=1)
+            weights[hf_name.replace("gate_up_proj", "gate_proj")] = gate
+            weights[hf_name.replace("gate_up_proj", "up_proj")] = up
     for hf_name, value in weights.items():
         value = value.astype(np.float32)
         layer = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+        if hf_name.endswith(("experts.gate_proj", "experts.up_proj")):
+            part = "gate" if hf_name.endswith("gate_proj") else "up"
+            w.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", value)
+            continue
         if hf_name.endswith("router.scale"):
             name = f"blk.{layer}.ffn_gate_inp.scale"
         elif hf_name.endswith("router.per_expert_scale"):

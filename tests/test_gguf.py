@@ -146,6 +146,19 @@ def test_gemma4_gguf_quantized_weights_are_dequantized(gemma4_gguf):
     np.testing.assert_array_equal(weights["model.norm.weight"], ref["model.norm.weight"])  # norms stay F32
 
 
+def test_gemma4_gguf_split_expert_banks_are_fused(gemma4_gguf, tmp_path):
+    from safetensors.numpy import load_file
+
+    ckpt, _ = gemma4_gguf("26b")
+    path = checkpoints.make_gemma4_gguf(ckpt, tmp_path / "split.gguf", split_experts=True)
+    assert "blk.0.ffn_gate_exps.weight" in G.open_gguf(path).tensors
+    _, weights, _ = G.read_gguf(path)
+    ref = load_file(str(ckpt / "model.safetensors"))
+    assert sorted(weights) == sorted(ref)
+    np.testing.assert_array_equal(weights["model.layers.3.experts.gate_up_proj"],
+                                  ref["model.layers.3.experts.gate_up_proj"])
+
+
 def test_gemma4_tokenizer_ranked_bpe(gemma4_gguf):
     """"gemma4" tokenizer: spaces -> ▁, ranked merges over the whole text, newline runs split off, byte fallback."""
     _, path = gemma4_gguf("e2b")
