@@ -148,6 +148,9 @@ class Settings:
     image_budget: int = 280
     system: str = ""
 
+    def __post_init__(self):
+        self.system = (self.system or "").strip()  # an untouched textbox sends None
+
     def validate(self) -> None:
         if int(self.max_tokens) < 1:
             raise UserError(f"max tokens must be >= 1, got {self.max_tokens}")
@@ -169,6 +172,7 @@ class Turn:
     answer: str = ""
     error: str | None = None
     stats: str = ""
+    generation_stats: object = None  # generate.GenerationStats of the reply
 
 
 class Conversation:
@@ -185,9 +189,9 @@ class Conversation:
     def session_for(self, host: ModelHost, settings: Settings):
         from mlx_gemma4.generate import ChatSession
 
-        key = (host.generation, settings.system.strip(), bool(settings.thinking))
+        key = (host.generation, settings.system, bool(settings.thinking))
         if self.session is None or self.session_key != key:
-            session = ChatSession(host.model, host.processor, system=settings.system.strip() or None,
+            session = ChatSession(host.model, host.processor, system=settings.system or None,
                                   enable_thinking=bool(settings.thinking))
             for turn in self.turns:
                 if turn.error is None and turn.raw_reply:
@@ -263,22 +267,23 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
     trace_ctx = record_expert_choices(host.model) if host.is_moe else None
     trace = trace_ctx.__enter__() if trace_ctx is not None else None
     stream = session.send(turn.text, **gen_kwargs)
-    chunk = None
+    last = None
     try:
         while True:
             if conv.stop.is_set():
-                turn.stats = "stopped by the user"
+                turn.stats = "stopped by the user" + (f" · {last.stats.summary()}" if last else "")
                 break
             with host.lock:
                 chunk = next(stream, None)
             if chunk is None:
                 finished = True
                 break
+            last = chunk
             turn.raw_reply += chunk.text
             turn.thinking, turn.answer = host.processor.split_thinking(turn.raw_reply)
             if not settings.thinking:
                 turn.thinking, turn.answer = "", turn.raw_reply.strip()
-            turn.stats = chunk.stats.summary()
+            turn.stats, turn.generation_stats = chunk.stats.summary(), chunk.stats
             yield turn.stats, None
     except MemoryError as e:
         raise UserError("out of memory during generation; try a shorter context, fewer max tokens, "
@@ -290,8 +295,8 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
         if not finished:
             conv.drop_cache()  # the cache holds a partial reply the session did not record
     figure = None
-    if trace is not None and chunk is not None:
-        figure = expert_figure(trace, chunk.stats.prompt_tokens, host.name)
+    if trace is not None and last is not None:
+        figure = expert_figure(trace, last.stats.prompt_tokens, host.name)
     yield turn.stats, figure
 
 
