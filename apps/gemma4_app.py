@@ -103,24 +103,26 @@ def media_kind(path: str) -> str:
 
 
 def check_image(path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from mlx_gemma4.processing.image import load_image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{Path(path).name} is not a readable image ({e})") from e
+        load_image(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise UserError(f"{Path(path).name} is not a readable image: {e}") from e
 
 
 def check_audio(path: str) -> None:
-    import soundfile as sf
+    from mlx_gemma4.processing.audio import check_clip_length, load_audio
 
     try:
-        info = sf.info(path)
-    except (RuntimeError, OSError, sf.LibsndfileError) as e:
-        raise UserError(f"{Path(path).name} is not a readable audio file ({e})") from e
-    if info.frames == 0:
-        raise UserError(f"{Path(path).name} is an empty recording")
+        check_clip_length(len(load_audio(path)))
+    except (ValueError, OSError) as e:  # AudioError is a ValueError
+        raise UserError(f"{Path(path).name} is not usable audio: {e}") from e
+
+
+def media_pipeline_ready(host: ModelHost) -> bool:
+    """Whether this build's processor turns images/audio into model inputs (`Processor.prompt_inputs`)."""
+    return hasattr(host.processor, "prompt_inputs")
 
 
 def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> str | None:
@@ -131,7 +133,7 @@ def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> 
     if audios and not cfg.audio:
         return (f"{host.name} has no audio encoder, so it cannot listen to audio (in the Gemma 4 family only "
                 "E2B and E4B take audio).")
-    if images or audios:
+    if (images or audios) and not media_pipeline_ready(host):
         kinds = " and ".join(k for k, v in (("image", images), ("audio", audios)) if v)
         return (f"{kinds.capitalize()} input is not supported yet in this build of mlx-gemma4: the multimodal "
                 "pipeline is not wired into generation. Send text only for now.")
@@ -203,6 +205,31 @@ class Conversation:
     def drop_cache(self) -> None:
         self.session = None
 
+    @property
+    def has_media(self) -> bool:
+        return any(t.images or t.audios for t in self.turns if t.error is None)
+
+    def media_stream(self, host: ModelHost, settings: Settings, **gen_kwargs):
+        """Stream the reply to the last turn of a conversation that holds images or audio: the whole conversation
+        with every earlier attachment is prefilled (no KV reuse), so later turns still see earlier media."""
+        from mlx_gemma4.generate import stream_generate
+
+        messages = [{"role": "system", "content": settings.system}] if settings.system else []
+        images, audios = [], []
+        *done, current = self.turns
+        for turn in [t for t in done if t.error is None and t.raw_reply] + [current]:
+            content = ([{"type": "image"} for _ in turn.images] + [{"type": "audio"} for _ in turn.audios]
+                       + [{"type": "text", "text": turn.text}])
+            messages.append({"role": "user", "content": content})
+            images += turn.images
+            audios += turn.audios
+            if turn is not current:
+                messages.append({"role": "assistant", "content": turn.raw_reply})
+        ids, media = host.processor.prompt_inputs(messages, enable_thinking=bool(settings.thinking), images=images,
+                                                  audio=audios, max_soft_tokens=int(settings.image_budget))
+        self.drop_cache()  # text turns after this one rebuild their session from the history
+        return stream_generate(host.model, host.processor, ids, media=media or None, **gen_kwargs)
+
     def chatbot(self) -> list[dict]:
         out: list[dict] = []
         for turn in self.turns:
@@ -259,14 +286,20 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
     if reason:
         raise UserError(reason)
 
-    session = conv.session_for(host, settings)
     gen_kwargs = dict(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
                       top_p=float(settings.top_p))
     conv.stop.clear()
     finished = False
+    with host.lock:
+        if conv.has_media:
+            try:
+                stream = conv.media_stream(host, settings, **gen_kwargs)
+            except ValueError as e:  # e.g. a tokenizer without image/audio tokens
+                raise UserError(str(e)) from e
+        else:
+            stream = conv.session_for(host, settings).send(turn.text, **gen_kwargs)
     trace_ctx = record_expert_choices(host.model) if host.is_moe else None
     trace = trace_ctx.__enter__() if trace_ctx is not None else None
-    stream = session.send(turn.text, **gen_kwargs)
     last = None
     try:
         while True:
