@@ -15,6 +15,7 @@ chat, and the app keeps serving.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ QUANTIZATION_CHOICES = ["none", "8", "4"]
 IMAGE_BUDGETS = [70, 140, 280, 560, 1120]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".webm", ".aac", ".opus"}
+
+
+# Image/audio/video marker tokens (<|image>, <|image|>, <image|>, ...). Text in a conversation with media (typed by
+# the user, or an earlier reply) must not contain them: the processor expands each one as a media slot.
+MEDIA_MARKER = re.compile(r"<\|?(?:image|audio|video)\|?>")
 
 
 class UserError(Exception):
@@ -219,12 +225,12 @@ class Conversation:
         *done, current = self.turns
         for turn in [t for t in done if t.error is None and t.raw_reply] + [current]:
             content = ([{"type": "image"} for _ in turn.images] + [{"type": "audio"} for _ in turn.audios]
-                       + [{"type": "text", "text": turn.text}])
+                       + [{"type": "text", "text": MEDIA_MARKER.sub("", turn.text)}])
             messages.append({"role": "user", "content": content})
             images += turn.images
             audios += turn.audios
             if turn is not current:
-                messages.append({"role": "assistant", "content": turn.raw_reply})
+                messages.append({"role": "assistant", "content": MEDIA_MARKER.sub("", turn.raw_reply)})
         ids, media = host.processor.prompt_inputs(messages, enable_thinking=bool(settings.thinking), images=images,
                                                   audio=audios, max_soft_tokens=int(settings.image_budget))
         self.drop_cache()  # text turns after this one rebuild their session from the history
@@ -261,7 +267,8 @@ def expert_figure(trace, start: int, model_name: str):
     ax.set_ylabel("layer")
     step = max(1, len(trace.layers) // 12)
     ax.set_yticks(range(0, len(trace.layers), step), [str(trace.layers[i]) for i in range(0, len(trace.layers), step)])
-    ax.set_title(f"{model_name}: experts used by the reply ({usage[0].sum() // trace.top_k} tokens, top-{trace.top_k})")
+    ax.set_title(f"{model_name}: experts used by the reply ({usage[0].sum() // trace.top_k} tokens, "
+                 f"top-{trace.top_k})", fontsize=10)
     fig.colorbar(im, ax=ax, label="tokens routed")
     fig.tight_layout()
     plt.close(fig)
@@ -329,7 +336,7 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
             conv.drop_cache()  # the cache holds a partial reply the session did not record
     figure = None
     if trace is not None and last is not None:
-        figure = expert_figure(trace, last.stats.prompt_tokens, host.name)
+        figure = expert_figure(trace, last.stats.prompt_tokens, Path(host.name).name)
     yield turn.stats, figure
 
 

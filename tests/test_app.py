@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gradio", reason="the app needs gradio (pip install '.[app]')")
+pytest.importorskip("mlx_gemma4.generate", reason="the app streams through mlx_gemma4.generate")
+
+import checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "apps" / "gemma4_app.py"
@@ -41,9 +44,24 @@ def moe_chat(chat_checkpoint):
 
 
 @pytest.fixture(scope="module")
+def media_chat(multimodal_checkpoint, tmp_path_factory):
+    """Tiny E2B with vision and audio towers plus a tokenizer that has the image/audio tokens."""
+    out = tmp_path_factory.mktemp("app-media-e2b")
+    shutil.copytree(multimodal_checkpoint("e2b", audio=True), out, dirs_exist_ok=True)
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@pytest.fixture(scope="module")
 def host(app, moe_chat):
     host = app.ModelHost()
     host.load(str(moe_chat))
+    return host
+
+
+@pytest.fixture(scope="module")
+def media_host(app, media_chat):
+    host = app.ModelHost()
+    host.load(str(media_chat))
     return host
 
 
@@ -127,6 +145,38 @@ def test_moe_reply_comes_with_an_expert_plot(app, host):
     assert routed == (generated + 1 if turn.generation_stats.finish_reason == "stop" else generated - 1)
 
 
+def test_image_and_audio_turns_generate_and_stay_in_context(app, media_host, media):
+    from mlx_gemma4.generate import generate
+
+    conv = app.Conversation()
+    turn = app.Turn("what do you see and hear?", images=[media["image"]], audios=[media["audio"]])
+    conv.turns.append(turn)
+    list(app.respond(media_host, conv, turn, app.Settings(max_tokens=12)))  # image budget 280, the default
+    expected = generate(media_host.model, media_host.processor, turn.text, images=[media["image"]],
+                        audio=[media["audio"]], max_tokens=12)
+    assert turn.error is None and turn.raw_reply == expected
+
+    # a smaller budget gives the image fewer soft tokens; a later text turn still carries the image and clip
+    small = app.Conversation()
+    first = app.Turn("what do you see and hear?", images=[media["image"]], audios=[media["audio"]])
+    small.turns.append(first)
+    list(app.respond(media_host, small, first, app.Settings(max_tokens=12, image_budget=70)))
+    assert first.generation_stats.prompt_tokens < turn.generation_stats.prompt_tokens
+    follow = app.Turn("and then? <|image|>")  # typed marker tokens are dropped, not taken as an image slot
+    small.turns.append(follow)
+    list(app.respond(media_host, small, follow, app.Settings(max_tokens=12, image_budget=70)))
+    assert follow.error is None and follow.generation_stats.generation_tokens > 0
+    # (a text-only history would be shorter than the first prompt, which holds the image and audio tokens)
+    assert follow.generation_stats.prompt_tokens > first.generation_stats.prompt_tokens
+
+
+def test_media_on_a_build_without_the_pipeline_says_not_supported(app, media_host, media, monkeypatch):
+    monkeypatch.setattr(app, "media_pipeline_ready", lambda host: False)
+    with pytest.raises(app.UserError, match="Image and audio input is not supported yet"):
+        list(app.respond(media_host, app.Conversation(), app.Turn("x", images=[media["image"]],
+                                                                   audios=[media["audio"]]), app.Settings()))
+
+
 def test_input_and_model_errors_are_messages(app, host, media):
     conv = app.Conversation()
     for turn, match in [
@@ -159,12 +209,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(moe_chat, tmp_path_factory):
+def server(media_chat, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(moe_chat), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(media_chat), "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 150
@@ -225,40 +275,6 @@ def _wait_idle(page, timeout=60000):
                            " return t && !t.disabled; }", timeout=timeout)
 
 
-def test_browser_chat_streams_and_handles_attachments(server, browser, media, artifacts_dir):
-    page = browser.new_page(viewport={"width": 1200, "height": 1400})
-    page.goto(server)
-    page.wait_for_selector("#message textarea", timeout=30000)
-    assert "MoE: top-8 of 16 experts" in page.inner_text("#model-status")
-    page.evaluate(_WATCH_REPLY)
-
-    _send(page, PROMPT)
-    page.wait_for_function("() => document.querySelector('#stats').innerText.includes('generation:')", timeout=60000)
-    _wait_idle(page)
-    stats = page.inner_text("#stats")
-    assert "tok/s" in stats and "peak memory" in stats
-    replies = [r for r in page.evaluate("window.__replies") if r.strip()]
-    assert len(set(replies)) >= 2, f"the reply did not stream: {replies}"
-    page.wait_for_selector("#experts img, #experts canvas, #experts svg", timeout=30000)
-
-    # an image and an audio clip in the same message: this tiny checkpoint has neither tower, and says so
-    _send(page, "what is in these?", [media["image"], media["audio"]])
-    page.wait_for_selector("text=has no vision encoder", timeout=60000)
-    _wait_idle(page)
-    page.screenshot(path=str(artifacts_dir / "app-chat.png"), full_page=True)
-
-    # an invalid upload is an error message, and the app keeps serving
-    _send(page, "and this?", [media["broken"]])
-    page.wait_for_selector("text=broken.png is not a readable image", timeout=60000)
-    _wait_idle(page)
-    page.evaluate(_WATCH_REPLY)
-    _send(page, "still there?")
-    page.wait_for_function("() => window.__replies.some(r => r.trim() && !r.includes('⚠'))", timeout=60000)
-    _wait_idle(page)
-    page.screenshot(path=str(artifacts_dir / "app-after-error.png"), full_page=True)
-    page.close()
-
-
 def test_gradio_client_streams_replies_and_reports_errors(server, media):
     from gradio_client import Client, handle_file
 
@@ -269,10 +285,71 @@ def test_gradio_client_streams_replies_and_reports_errors(server, media):
     assert len(pieces) >= 2 and pieces[-1] == job.result()
     assert not job.result().startswith("⚠️")
 
-    both = client.predict("what is in these?", [handle_file(media["image"]), handle_file(media["audio"])],
+    both = client.predict("what do you see and hear?", [handle_file(media["image"]), handle_file(media["audio"])],
                           *settings, api_name="/chat")
-    assert both.startswith("⚠️") and "has no vision encoder" in both
+    assert both and not both.startswith("⚠️")
     broken = client.predict("and this?", [handle_file(media["broken"])], *settings, api_name="/chat")
     assert "broken.png is not a readable image" in broken
     after = client.predict(PROMPT, [], *settings, api_name="/chat")
     assert after == job.result()  # still serving, same greedy reply
+
+
+def _last_bot_text(page) -> str:
+    return page.evaluate("() => { const b = document.querySelectorAll('#chat .bot, #chat [data-testid=\"bot\"]');"
+                         " return b.length ? b[b.length - 1].innerText : ''; }")
+
+
+def _reply_done(page, stats_before: str, timeout=60000):
+    """Until the reply has finished: new stats with token counts, and the textbox usable again."""
+    page.wait_for_function("before => { const s = document.querySelector('#stats').innerText;"
+                           " return s !== before && s.includes('generation:'); }", arg=stats_before, timeout=timeout)
+    _wait_idle(page, timeout)
+
+
+def test_browser_chat_streams_and_handles_attachments(server, browser, media, moe_chat, artifacts_dir):
+    page = browser.new_page(viewport={"width": 1200, "height": 1400})
+    page.goto(server)
+    page.wait_for_selector("#message textarea", timeout=30000)
+    assert "vision encoder · audio encoder" in page.inner_text("#model-status")
+
+    # a text message: the reply arrives in pieces
+    page.evaluate(_WATCH_REPLY)
+    before = page.inner_text("#stats")
+    _send(page, PROMPT)
+    _reply_done(page, before)
+    stats = page.inner_text("#stats")
+    assert "tok/s" in stats and "peak memory" in stats
+    replies = [r for r in page.evaluate("window.__replies") if r.strip()]
+    assert len(set(replies)) >= 2, f"the reply did not stream: {replies}"
+
+    # an image and an audio clip in the same message
+    page.evaluate(_WATCH_REPLY)
+    before = page.inner_text("#stats")
+    _send(page, "what do you see and hear?", [media["image"], media["audio"]])
+    _reply_done(page, before)
+    assert not _last_bot_text(page).startswith("⚠"), _last_bot_text(page)
+    assert page.locator("#chat img").count() >= 1 and page.locator("#chat audio").count() >= 1
+    page.screenshot(path=str(artifacts_dir / "app-chat.png"), full_page=True)
+
+    # an invalid upload is an error message, and the app keeps serving
+    _send(page, "and this?", [media["broken"]])
+    page.wait_for_selector("text=broken.png is not a readable image", timeout=60000)
+    _wait_idle(page)
+    before = page.inner_text("#stats")
+    _send(page, "still there?")
+    _reply_done(page, before)
+    assert _last_bot_text(page).strip() and not _last_bot_text(page).startswith("⚠")
+
+    # switch to the MoE model with the picker; its reply comes with the expert plot
+    page.fill("#model-picker input", str(moe_chat))
+    page.press("#model-picker input", "Enter")
+    page.click("#load-model")
+    page.wait_for_function("() => document.querySelector('#model-status').innerText.includes('MoE: top-8')",
+                           timeout=60000)
+    page.click("#clear")
+    before = page.inner_text("#stats")
+    _send(page, PROMPT)
+    _reply_done(page, before)
+    page.wait_for_selector("#experts img, #experts canvas, #experts svg", timeout=30000)
+    page.screenshot(path=str(artifacts_dir / "app-moe.png"), full_page=True)
+    page.close()
