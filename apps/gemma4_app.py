@@ -275,6 +275,12 @@ def expert_figure(trace, start: int, model_name: str):
     return fig
 
 
+def _is_out_of_memory(error: Exception) -> bool:
+    """MLX reports a failed allocation as a RuntimeError (e.g. Metal's "[metal::malloc] ... buffer size")."""
+    text = str(error).lower()
+    return any(word in text for word in ("malloc", "out of memory", "allocat"))
+
+
 def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings) -> Iterator[tuple[str, object]]:
     """Generate the reply to `turn` (already appended to conv.turns), updating it in place; yields
     (stats markdown, expert figure or None) after every chunk."""
@@ -325,9 +331,11 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
                 turn.thinking, turn.answer = "", turn.raw_reply.strip()
             turn.stats, turn.generation_stats = chunk.stats.summary(), chunk.stats
             yield turn.stats, None
-    except MemoryError as e:
-        raise UserError("out of memory during generation; try a shorter context, fewer max tokens, "
-                        "4-bit quantization or a smaller model") from e
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory during generation ({e}); try a shorter conversation (Clear), fewer max "
+                        "tokens, 4-bit quantization or a smaller model") from e
     finally:
         stream.close()
         if trace_ctx is not None:
@@ -341,7 +349,7 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
 
 
 # -- the UI ---------------------------------------------------------------------------------------------------
-def build_app(host: ModelHost, initial_status: str = "") -> gr.Blocks:
+def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int = 512) -> gr.Blocks:
     with gr.Blocks(title="Gemma 4 on MLX") as demo:
         gr.Markdown("## Gemma 4 on MLX")
         with gr.Row():
@@ -371,7 +379,7 @@ def build_app(host: ModelHost, initial_status: str = "") -> gr.Blocks:
         with gr.Accordion("Settings", open=False):
             system_box = gr.Textbox(label="System prompt", lines=2, elem_id="system")
             with gr.Row():
-                max_tokens = gr.Slider(1, 8192, value=512, step=1, label="Max tokens", elem_id="max-tokens")
+                max_tokens = gr.Slider(1, 8192, value=max_tokens_default, step=1, label="Max tokens", elem_id="max-tokens")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             with gr.Row():
@@ -467,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=MODEL_CHOICES[0], help="Hub repo id or local checkpoint directory")
     p.add_argument("--quantize", choices=QUANTIZATION_CHOICES, default="none", help="quantize at load time")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens control")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
     args = p.parse_args(argv)
 
@@ -477,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         status = f"⚠️ {e}"
         print(f"warning: {e}", file=sys.stderr)
         host.name = args.model
-    demo = build_app(host, status)
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    demo = build_app(host, status, args.max_tokens)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0

@@ -195,6 +195,21 @@ def test_input_and_model_errors_are_messages(app, host, media):
         app.media_kind("notes.txt")
     with pytest.raises(app.UserError, match="no model is loaded"):
         list(app.respond(app.ModelHost(), conv, app.Turn("hi"), app.Settings()))
+    # an allocation failure mid-reply is a message too (MLX raises RuntimeError from its allocator)
+    class Exhausted:
+        def send(self, *args, **kwargs):
+            raise RuntimeError("[metal::malloc] Attempting to allocate 90000000000 bytes which is greater than "
+                               "the maximum allowed buffer size")
+            yield
+
+    oom = app.Conversation()
+    oom.session, oom.session_key = Exhausted(), (host.generation, "", False)
+    turn = app.Turn("hi")
+    oom.turns.append(turn)
+    with pytest.raises(app.UserError, match="out of memory during generation"):
+        list(app.respond(host, oom, turn, app.Settings()))
+    assert oom.session is None  # the next turn starts from a clean cache
+
     name = host.name
     with pytest.raises(app.UserError, match="could not load /nonexistent/model"):
         host.load("/nonexistent/model")
@@ -214,7 +229,8 @@ def server(media_chat, tmp_path_factory):
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(media_chat), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(media_chat), "--port", str(port),
+                                 "--max-tokens", "24"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 150
