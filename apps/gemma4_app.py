@@ -126,11 +126,6 @@ def check_audio(path: str) -> None:
         raise UserError(f"{Path(path).name} is not usable audio: {e}") from e
 
 
-def media_pipeline_ready(host: ModelHost) -> bool:
-    """Whether this build's processor turns images/audio into model inputs (`Processor.prompt_inputs`)."""
-    return hasattr(host.processor, "prompt_inputs")
-
-
 def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> str | None:
     """Why this model + build can't take these attachments (None when it can)."""
     cfg = host.model.config
@@ -139,10 +134,6 @@ def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> 
     if audios and not cfg.audio:
         return (f"{host.name} has no audio encoder, so it cannot listen to audio (in the Gemma 4 family only "
                 "E2B and E4B take audio).")
-    if (images or audios) and not media_pipeline_ready(host):
-        kinds = " and ".join(k for k, v in (("image", images), ("audio", audios)) if v)
-        return (f"{kinds.capitalize()} input is not supported yet in this build of mlx-gemma4: the multimodal "
-                "pipeline is not wired into generation. Send text only for now.")
     return None
 
 

@@ -170,13 +170,6 @@ def test_image_and_audio_turns_generate_and_stay_in_context(app, media_host, med
     assert follow.generation_stats.prompt_tokens > first.generation_stats.prompt_tokens
 
 
-def test_media_on_a_build_without_the_pipeline_says_not_supported(app, media_host, media, monkeypatch):
-    monkeypatch.setattr(app, "media_pipeline_ready", lambda host: False)
-    with pytest.raises(app.UserError, match="Image and audio input is not supported yet"):
-        list(app.respond(media_host, app.Conversation(), app.Turn("x", images=[media["image"]],
-                                                                   audios=[media["audio"]]), app.Settings()))
-
-
 def test_input_and_model_errors_are_messages(app, host, media):
     conv = app.Conversation()
     for turn, match in [
