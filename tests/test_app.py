@@ -349,6 +349,21 @@ def test_browser_chat_streams_and_handles_attachments(server, browser, media, mo
     _reply_done(page, before)
     assert _last_bot_text(page).strip() and not _last_bot_text(page).startswith("⚠")
 
+    # the stop button interrupts a long reply (this checkpoint answers PROMPT until max tokens)
+    page.click("text=Settings")
+    page.fill("#max-tokens input[type=number]", "4000")
+    page.press("#max-tokens input[type=number]", "Enter")
+    before = page.inner_text("#stats")
+    _send(page, PROMPT)
+    page.wait_for_function("before => { const s = document.querySelector('#stats').innerText;"
+                           " return s !== before && s.includes('generation:'); }", arg=before, timeout=60000)
+    page.click("#stop")
+    page.wait_for_function("() => document.querySelector('#stats').innerText.includes('stopped by the user')",
+                           timeout=30000)
+    _wait_idle(page)
+    stopped_at = int(page.inner_text("#stats").split("generation: ")[1].split(" tokens")[0])
+    assert 1 <= stopped_at < 4000 and _last_bot_text(page).strip()
+
     # switch to the MoE model with the picker; its reply comes with the expert plot
     page.fill("#model-picker input", str(moe_chat))
     page.press("#model-picker input", "Enter")
