@@ -365,7 +365,7 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
             camera = gr.Image(sources=["webcam", "clipboard", "upload"], type="filepath",
                               label="Sent with your next message", elem_id="camera")
         stats_box = gr.Markdown("", elem_id="stats")
-        with gr.Accordion("Experts used (mixture-of-experts models)", open=True):
+        with gr.Accordion("Experts used by the last reply", open=True, visible=host.is_moe) as experts_box:
             expert_plot = gr.Plot(label="Tokens per expert and layer for the last reply", elem_id="experts")
         with gr.Accordion("Settings", open=False):
             system_box = gr.Textbox(label="System prompt", lines=2, elem_id="system")
@@ -428,11 +428,13 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
 
         def load_model(name, quantization):
             try:
-                return host.load(name, quantization)
+                status = host.load(name, quantization)
             except UserError as e:
-                return f"⚠️ {e}\n\n{host.describe()}"
+                status = f"⚠️ {e}\n\n{host.describe()}"
+            return status, gr.Accordion(visible=host.is_moe), None
 
-        load_btn.click(load_model, [model_box, quant_box], [model_status], concurrency_id="model")
+        load_btn.click(load_model, [model_box, quant_box], [model_status, experts_box, expert_plot],
+                       concurrency_id="model")
 
         # API endpoint for scripts (gradio_client): one message with attachments in, the streamed reply out.
         with gr.Row(visible=False):

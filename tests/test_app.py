@@ -320,6 +320,7 @@ def test_browser_chat_streams_and_handles_attachments(server, browser, media, mo
     page.goto(server)
     page.wait_for_selector("#message textarea", timeout=30000)
     assert "vision encoder · audio encoder" in page.inner_text("#model-status")
+    assert not page.is_visible("#experts")  # a dense model has no expert plot
 
     # a text message: the reply arrives in pieces
     page.evaluate(_WATCH_REPLY)
@@ -363,6 +364,13 @@ def test_browser_chat_streams_and_handles_attachments(server, browser, media, mo
     _wait_idle(page)
     stopped_at = int(page.inner_text("#stats").split("generation: ")[1].split(" tokens")[0])
     assert 1 <= stopped_at < 4000 and _last_bot_text(page).strip()
+
+    # a model that can't be loaded is a message; the loaded one stays
+    page.fill("#model-picker input", "/nonexistent/model")
+    page.press("#model-picker input", "Enter")
+    page.click("#load-model")
+    page.wait_for_selector("text=could not load /nonexistent/model", timeout=30000)
+    assert "vision encoder · audio encoder" in page.inner_text("#model-status")
 
     # switch to the MoE model with the picker; its reply comes with the expert plot
     page.fill("#model-picker input", str(moe_chat))
