@@ -170,6 +170,20 @@ def test_image_and_audio_turns_generate_and_stay_in_context(app, media_host, med
     assert follow.generation_stats.prompt_tokens > first.generation_stats.prompt_tokens
 
 
+def test_quantization_choice_loads_a_quantized_model(app, moe_chat):
+    import mlx.nn as nn
+
+    quantized = app.ModelHost()
+    assert "4-bit" in quantized.load(str(moe_chat), "4")
+    layer = quantized.model.language_model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear) and layer.self_attn.q_proj.bits == 4
+    conv = app.Conversation()
+    turn, _ = run_turn(app, quantized, conv, PROMPT, max_tokens=4)
+    assert turn.generation_stats.generation_tokens >= 1
+    with pytest.raises(app.UserError, match="quantization must be one of"):
+        quantized.load(str(moe_chat), "3")
+
+
 def test_input_and_model_errors_are_messages(app, host, media):
     conv = app.Conversation()
     for turn, match in [
