@@ -88,8 +88,8 @@ class ModelHost:
         if self.model is None:
             return "No model loaded."
         cfg = self.model.config
-        parts = [f"**{self.name}**", "4-bit" if self.quantize == 4 else "8-bit" if self.quantize == 8 else "unquantized",
-                 f"{cfg.text.num_hidden_layers} layers"]
+        bits = f"{self.quantize}-bit" if self.quantize else "unquantized"
+        parts = [f"**{self.name}**", bits, f"{cfg.text.num_hidden_layers} layers"]
         if self.is_moe:
             parts.append(f"MoE: top-{cfg.text.top_k_experts} of {cfg.text.num_experts} experts")
         parts.append("vision encoder" if cfg.vision else "no vision encoder")
@@ -275,8 +275,6 @@ def _is_out_of_memory(error: Exception) -> bool:
 def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings) -> Iterator[tuple[str, object]]:
     """Generate the reply to `turn` (already appended to conv.turns), updating it in place; yields
     (stats markdown, expert figure or None) after every chunk."""
-    from mlx_gemma4.generate import GenerationStats  # noqa: F401  (fails clearly if generation is missing)
-
     if host.model is None:
         raise UserError("no model is loaded: pick one above and press Load")
     settings.validate()
@@ -370,7 +368,8 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
         with gr.Accordion("Settings", open=False):
             system_box = gr.Textbox(label="System prompt", lines=2, elem_id="system")
             with gr.Row():
-                max_tokens = gr.Slider(1, 8192, value=max_tokens_default, step=1, label="Max tokens", elem_id="max-tokens")
+                max_tokens = gr.Slider(1, 8192, value=max_tokens_default, step=1, label="Max tokens",
+                                       elem_id="max-tokens")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             with gr.Row():

@@ -287,8 +287,8 @@ def _send(page, text, files=()):
     page.fill("#message textarea", text)
     if files:
         page.set_input_files("#message input[type=file]", list(files))
-        page.wait_for_function("n => document.querySelectorAll('#message img, #message audio, #message .thumbnail-item')"
-                               ".length >= n", arg=len(files), timeout=20000)
+        page.wait_for_function("n => document.querySelectorAll('#message .thumbnail-item').length >= n",
+                               arg=len(files), timeout=20000)
     page.press("#message textarea", "Enter")
 
 
