@@ -24,7 +24,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import mlx_gemma4  # noqa: E402  (preloads the BLAS before mlx.core)
+import mlx_gemma4  # noqa: E402,F401  (preloads the BLAS before mlx.core)
 import gradio as gr  # noqa: E402
 
 from mlx_gemma4.expert_trace import moe_layers, record_expert_choices  # noqa: E402

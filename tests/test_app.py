@@ -110,6 +110,10 @@ def test_multi_turn_reuses_kv_cache_and_matches_a_fresh_prefill(app, host):
     third, _ = run_turn(app, host, conv, "more")
     assert third.generation_stats.cached_tokens == 0
     assert third.generation_stats.prompt_tokens > stats.cached_tokens
+    # changing the system prompt (or thinking) re-renders the conversation from scratch under it
+    fourth, _ = run_turn(app, host, conv, "bye", system="Be brief.")
+    assert fourth.generation_stats.cached_tokens == 0
+    assert conv.session.messages[0] == {"role": "system", "content": "Be brief."}
 
 
 def test_stop_keeps_the_partial_reply_and_rebuilds_the_cache(app, host):
