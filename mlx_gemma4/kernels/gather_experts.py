@@ -126,7 +126,16 @@ def _gather_matmul(x: mx.array, bank: ExpertBank, experts: mx.array, sorted_indi
     if bank.quantized:
         return mx.gather_qmm(x, bank.weight, bank.scales, bank.biases, rhs_indices=experts, transpose=True,
                              group_size=bank.group_size, bits=bank.bits, sorted_indices=sorted_indices)
-    w = bank.weight if bank.weight.dtype == x.dtype else bank.weight.astype(x.dtype)
+    w = bank.weight
+    if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        # MLX's CPU gather_mm is float32-only: with fewer (token, slot) pairs than experts, take just the
+        # selected experts' matrices (the rows a matrix-vector product reads anyway); else upcast the bank.
+        x = x.astype(mx.float32)
+        if experts.size < bank.num_experts:
+            return x @ w[experts].astype(mx.float32).swapaxes(-1, -2)
+        w = w.astype(mx.float32)
+    elif w.dtype != x.dtype:
+        w = w.astype(x.dtype)
     return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_indices)
 
 
