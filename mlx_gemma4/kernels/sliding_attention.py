@@ -30,7 +30,8 @@ import numpy as np
 
 from ._metal import KernelSpec
 
-MLX_BLOCK_Q = 512  # query rows per block in the MLX path
+MLX_BLOCK_Q = 128  # query rows per block in the MLX path (sliding layers)
+MLX_BLOCK_Q_GLOBAL = 256  # ... for layers without a window (causal only)
 DECODE_MAX_QUERIES = 8  # the Metal decode kernel serves up to this many queries
 PREFILL_BQ = 8  # queries (simdgroups) per prefill threadgroup
 DECODE_SIMDGROUPS = 8  # simdgroups per decode threadgroup
@@ -82,9 +83,11 @@ class Block:
 
 
 def attention_plan(L: int, S: int, q_start: int, k_start: int, window: int | None, block_ids=None,
-                   block_q: int = MLX_BLOCK_Q) -> list[Block]:
+                   block_q: int | None = None) -> list[Block]:
     """Query blocks and the key range each must visit: [first key of the first query's window, last visible
     key of the block's queries]. Every key in that range is visible to at least one query of the block."""
+    if block_q is None:
+        block_q = MLX_BLOCK_Q if window is not None else MLX_BLOCK_Q_GLOBAL
     off = q_start - k_start
     ends = key_ends(L, S, off, block_ids)
     plan = []
@@ -107,7 +110,7 @@ def visibility(q_pos: mx.array, k_pos: mx.array, window: int | None, q_ids=None,
 
 
 def windowed_attention_mlx(q, k, v, *, scale, q_start, k_start, window, block_ids=None,
-                           block_q: int = MLX_BLOCK_Q) -> mx.array:
+                           block_q: int | None = None) -> mx.array:
     L, S = q.shape[2], k.shape[2]
     off = q_start - k_start
     plan = attention_plan(L, S, q_start, k_start, window, block_ids, block_q)
