@@ -5,3 +5,7 @@ from .backend import preload_blas as _preload_blas
 _preload_blas()  # must run before the first `import mlx.core`
 
 __version__ = "0.1.0"
+
+from .loading import load  # noqa: E402
+
+__all__ = ["load", "__version__"]

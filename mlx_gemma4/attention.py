@@ -1,0 +1,93 @@
+"""Gemma 4 self-attention: q/k/v projections, q/k RMSNorm, scale-free v norm, k=v on full layers,
+per-layer-type head dim and KV-head count, sliding window vs global, dual RoPE, KV sharing.
+
+Reference: transformers' `Gemma4TextAttention.forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import FULL, SLIDING, TextConfig
+from .kernels import windowed_attention
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class AttentionInputs:
+    """What one forward step shares between layers: positions, and image-block ids for the vision mask."""
+
+    offset: int  # absolute position of the first query token
+    block_ids: mx.array | None = None  # (L,) int32 image-block id per query token (-1 = text), or None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.layer_type = config.layer_types[layer]
+        self.head_dim = config.layer_head_dims[layer]
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.layer_kv_heads[layer]
+        self.scale = config.attention_scale
+        self.window = config.sliding_window if self.layer_type == SLIDING else None
+        self.is_kv_shared = config.is_kv_shared(layer)
+        self.use_value_norm = config.use_value_norm
+        self.eps = config.rms_norm_eps
+        hidden, bias, eps, off = config.hidden_size, config.attention_bias, config.rms_norm_eps, config.norm_offset
+
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps, offset=off)
+        if not self.is_kv_shared:
+            self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+            if config.has_value_proj(layer):
+                self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+            self.k_norm = RMSNorm(self.head_dim, eps, offset=off)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.rope = RotaryEmbedding(self.head_dim, config.rope[self.layer_type])
+
+    def project_kv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+        """Keys and values for new tokens, (B, Hkv, L, D) each, RoPE'd and normalized."""
+        B, L, _ = x.shape
+        shape = (B, L, self.n_kv_heads, self.head_dim)
+        k = self.k_proj(x).reshape(shape)
+        # k=v layers: values are the raw key projection (before k_norm and RoPE).
+        v = self.v_proj(x).reshape(shape) if "v_proj" in self else k
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
+        if self.use_value_norm:
+            v = mx.fast.rms_norm(v, None, self.eps)
+        return k, v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, step: AttentionInputs, cache, shared_kv=None):
+        """Returns (output, kv) where kv = (keys, values, k_start) is what this layer attended over,
+        so KV-shared layers can reuse it."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), step.offset)
+
+        if shared_kv is not None:
+            keys, values, k_start = shared_kv
+        else:
+            k, v = self.project_kv(x, step.offset)
+            if cache is not None:
+                keys, values, k_start = cache.update(k, v)
+            else:
+                keys, values, k_start = k, v, step.offset
+
+        window, block_ids = self.window, None
+        if L == 1 and self.window is not None and keys.shape[2] <= self.window:
+            window = None  # every cached key is inside the window (ring buffer may be in slot order)
+        if self.window is not None and step.block_ids is not None:
+            # Keys from earlier chunks never share an image block with this chunk (images are never split).
+            pad = step.offset - k_start
+            block_ids = step.block_ids
+            if pad:
+                block_ids = mx.concatenate([mx.full((pad,), -1, mx.int32), block_ids])
+        out = windowed_attention(q, keys, values, scale=self.scale, q_start=step.offset, k_start=k_start,
+                                 window=window, block_ids=block_ids)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out), (keys, values, k_start)

@@ -1,0 +1,268 @@
+"""Load a Gemma 4 checkpoint: a local directory, a Hugging Face Hub repo id, or one of our MLX conversions.
+
+`load(path_or_repo) -> (model, processor)`.
+
+* Hub repos are fetched with `huggingface_hub.snapshot_download`, only the files needed.
+* Sharded safetensors are read through `model.safetensors.index.json`; every file's header is checked first
+  (missing shard, truncated file: one clear error), then tensors are memory-mapped lazily by `mx.load`.
+* Hugging Face names map onto our module tree by dropping the leading `model.` (Gemma4ForCausalLM's
+  `model.X` becomes `language_model.X`). The k/v projections that the real E2B/E4B files still carry for
+  KV-shared layers are dropped. Anything else missing, unexpected or mis-shaped is one error listing it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import backend
+from .config import ModelConfig, load_config
+from .model import Gemma4
+
+# Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+# Tensors in real checkpoints that no module reads (KV-shared layers keep k/v weights they never use).
+_KV_SHARED_UNUSED = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be loaded as it is; the message lists what is wrong."""
+
+
+# ---- locating the files -------------------------------------------------------------------------
+
+def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hub repo id downloaded (or found in the local cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint directory at {repo!r} (and it is not a Hub repo id like "
+                                "'google/gemma-4-E2B-it')")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("huggingface_hub is needed to download checkpoints") from e
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo!r} is not in the local Hugging Face cache and could not be downloaded (offline or no "
+            f"network access). Download it once with network access, or pass a local directory."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repository {repo!r} not found (or it is gated and you are not logged in)") from e
+    except Exception as e:  # connection errors come in many types across huggingface_hub versions
+        raise FileNotFoundError(f"could not fetch {repo!r} from the Hugging Face Hub: {e}") from e
+
+
+def _check_safetensors(file: Path) -> list[str]:
+    """Validate a safetensors header against the file size; returns the tensor names."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file.name} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{file.name} is truncated: header says {n} bytes, file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file.name} is truncated: tensors need {8 + n + end} bytes, file has {size}")
+    return [k for k in header if k != "__metadata__"]
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (through the index when sharded), all checked to exist."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise CheckpointError(f"missing weight shards in {directory}: {', '.join(missing)}")
+        return [directory / f for f in files]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {directory}")
+    return files
+
+
+def read_weights(directory: Path) -> dict[str, mx.array]:
+    """All tensors, memory-mapped lazily (nothing is read until used)."""
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(directory):
+        _check_safetensors(file)
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:
+            raise CheckpointError(f"could not read {file.name}: {e}") from e
+    return weights
+
+
+# ---- names --------------------------------------------------------------------------------------
+
+def to_our_name(hf_name: str, config: ModelConfig) -> str:
+    """Map a Hugging Face tensor name (or one of ours) onto our parameter tree."""
+    if hf_name.startswith("model."):
+        rest = hf_name[len("model."):]
+        if config.raw.get("model_type") in ("gemma4_text", "gemma3_text"):
+            return "language_model." + rest  # Gemma4ForCausalLM: model.X is the decoder
+        return rest
+    return hf_name
+
+
+def sanitize(weights: dict[str, mx.array], model: Gemma4) -> dict[str, mx.array]:
+    """HF (or our) names -> ours; drop tied/unused tensors; let towers convert their own layouts."""
+    config = model.config
+    text = config.text
+    out: dict[str, mx.array] = {}
+    for name, w in weights.items():
+        ours = to_our_name(name, config)
+        if ours == "lm_head.weight" and text.tie_word_embeddings:
+            continue
+        if ours.startswith("language_model.layers."):
+            layer = int(ours.split(".")[2])
+            if layer < text.num_hidden_layers and text.is_kv_shared(layer) and any(
+                    p in ours for p in _KV_SHARED_UNUSED):
+                continue
+        out[ours] = w
+    for part in ("vision_tower", "audio_tower"):
+        tower = getattr(model, part, None) if part in model else None
+        if tower is not None and hasattr(tower, "sanitize"):
+            out = tower.sanitize(out)
+    return out
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
+    problems = []
+    for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+            problems.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config:\n" + "\n".join(problems))
+
+
+# ---- quantization -------------------------------------------------------------------------------
+
+# Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
+# the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
+MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
+              "per_layer_input_gate", "per_layer_projection")
+
+
+def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform") -> dict[str, Any]:
+    """The `quantization` config entry for a model: defaults plus per-module overrides."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    if recipe not in ("uniform", "mixed"):
+        raise ValueError(f"recipe must be 'uniform' or 'mixed', got {recipe!r}")
+    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "recipe": recipe}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        if not _quantizable(module, group_size):
+            plan[path] = False
+        elif recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT):
+            plan[path] = {"group_size": group_size, "bits": 8}
+    return plan
+
+
+def _quantizable(module: nn.Module, group_size: int) -> bool:
+    w = getattr(module, "weight", None)
+    if w is None:
+        w = getattr(module, "gate_up_proj", None)
+    return w is not None and w.ndim >= 2 and w.shape[-1] % group_size == 0
+
+
+def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Swap modules for their quantized versions as the plan says (weights are quantized in place if set)."""
+    gs, bits = plan["group_size"], plan["bits"]
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path.startswith(("vision_tower", "audio_tower", "embed_vision", "embed_audio")):
+            return False  # towers stay in float: small, and their clipped linears need exact bounds
+        rule = plan.get(path, True)
+        if rule is False:
+            return False
+        if isinstance(rule, dict):
+            return rule
+        return _quantizable(module, gs) and {"group_size": gs, "bits": bits}
+
+    nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def build_model(config: ModelConfig) -> Gemma4:
+    """The module tree for a config; parameters are placeholders until weights are loaded."""
+    return Gemma4(config)
+
+
+def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
+               group_size: int = 64, recipe: str = "uniform", lazy: bool = False) -> Gemma4:
+    config = load_config(path)
+    model = build_model(config)
+    weights = sanitize(read_weights(path), model)
+    if config.quantization:
+        apply_quantization(model, config.quantization)
+    target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
+    check_weights(model, weights)
+    weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=False)
+    if quantize:
+        if config.quantization:
+            raise ValueError(f"{path} is already quantized ({config.quantization}); quantize=None to load it")
+        plan = quantization_plan(model, quantize, group_size, recipe)
+        apply_quantization(model, plan)
+        config.quantization = plan
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
+         group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None):
+    """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer."""
+    path = resolve_path(path_or_repo, revision)
+    model = load_model(path, dtype, quantize, group_size, recipe, lazy)
+    return model, load_processor(path, model.config)
+
+
+def load_processor(path: Path, config: ModelConfig):
+    try:
+        from .processing import Processor
+    except ImportError:
+        return None
+    return Processor.from_pretrained(path, config)

@@ -1,0 +1,88 @@
+"""The 26B A4B mixture-of-experts block: router and the stacked expert bank.
+
+Router (transformers' `Gemma4TextRouter`): scale-free RMSNorm, times a learned per-channel scale and
+hidden_size**-0.5, linear projection to expert scores, softmax over all experts (float32), top-k, the k
+probabilities renormalized to sum to 1, then multiplied by a learned per-expert scale.
+
+Experts (`Gemma4TextExperts`): one (E, 2I, H) gate/up bank and one (E, H, I) down bank per layer; each token's
+output is the routing-weighted sum of its k experts' GeGLU MLPs. The bank is read in place by
+`kernels.expert_glu` (no per-expert copies).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+from .kernels import ExpertBank, expert_glu
+
+
+def route_top_k(scores: mx.array, k: int, per_expert_scale: mx.array) -> tuple[mx.array, mx.array]:
+    """(T, E) router logits -> (indices (T, k) int32, weights (T, k) float32)."""
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1)
+    indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    top = mx.take_along_axis(probs, indices, axis=-1)
+    top = top / top.sum(axis=-1, keepdims=True)
+    return indices.astype(mx.int32), top * per_expert_scale[indices].astype(mx.float32)
+
+
+class Router(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size**-0.5
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = mx.ones((config.hidden_size,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        h = mx.fast.rms_norm(x, None, self.eps) * self.scale.astype(x.dtype) * self.root_size
+        return route_top_k(self.proj(h), self.top_k, self.per_expert_scale)
+
+
+class Experts(nn.Module):
+    """Expert bank in the checkpoint's own layout: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        E, H, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = mx.zeros((E, 2 * inter, H))
+        self.down_proj = mx.zeros((E, H, inter))
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return expert_glu(x, indices, weights, ExpertBank(self.gate_up_proj), ExpertBank(self.down_proj))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, **kwargs) -> "QuantizedExperts":
+        return QuantizedExperts.from_experts(self, group_size, bits)
+
+
+class QuantizedExperts(nn.Module):
+    """MLX affine-quantized expert bank: `<bank>` packed uint32 plus `<bank>_scales` / `<bank>_biases`."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, group_size: int, bits: int):
+        super().__init__()
+        self.group_size, self.bits = group_size, bits
+        for name, (out_dim, in_dim) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            setattr(self, name, mx.zeros((num_experts, out_dim, in_dim * bits // 32), mx.uint32))
+            setattr(self, name + "_scales", mx.zeros((num_experts, out_dim, in_dim // group_size)))
+            setattr(self, name + "_biases", mx.zeros((num_experts, out_dim, in_dim // group_size)))
+
+    @classmethod
+    def from_experts(cls, experts: Experts, group_size: int, bits: int) -> "QuantizedExperts":
+        E, two_i, H = experts.gate_up_proj.shape
+        q = cls(E, H, two_i // 2, group_size, bits)
+        for name in ("gate_up_proj", "down_proj"):
+            w, scales, biases = mx.quantize(getattr(experts, name), group_size=group_size, bits=bits)
+            setattr(q, name, w)
+            setattr(q, name + "_scales", scales)
+            setattr(q, name + "_biases", biases)
+        return q
+
+    def bank(self, name: str) -> ExpertBank:
+        return ExpertBank(getattr(self, name), getattr(self, name + "_scales"), getattr(self, name + "_biases"),
+                          self.bits, self.group_size)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return expert_glu(x, indices, weights, self.bank("gate_up_proj"), self.bank("down_proj"))

@@ -1,0 +1,139 @@
+"""The Gemma 4 text decoder: scaled embeddings, per-layer embeddings (PLE), hybrid sliding/global decoder
+layers with optional MoE, final norm, tied LM head and logit soft-capping.
+
+Reference: transformers' `Gemma4TextModel`, `Gemma4TextDecoderLayer`, `Gemma4ForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention, AttentionInputs
+from .cache import KVCache, RotatingKVCache
+from .config import SLIDING, TextConfig
+from .mlp import MLP
+from .moe import Experts, Router
+from .norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        H, eps, off = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(H, config.mlp_width(layer))
+        self.input_layernorm = RMSNorm(H, eps, off)
+        self.post_attention_layernorm = RMSNorm(H, eps, off)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps, off)
+        self.post_feedforward_layernorm = RMSNorm(H, eps, off)
+        if config.use_layer_scalar:
+            self.layer_scalar = mx.ones((1,))
+        self.ple_dim = config.hidden_size_per_layer_input
+        if self.ple_dim:
+            self.per_layer_input_gate = nn.Linear(H, self.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(self.ple_dim, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, eps, off)
+        self.has_moe = config.enable_moe_block
+        if self.has_moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps, off)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps, off)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps, off)
+
+    def feed_forward(self, x: mx.array) -> mx.array:
+        """Dense MLP, plus (MoE layers) the routed experts added after their own norms."""
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if not self.has_moe:
+            return h
+        flat = x.reshape(-1, x.shape[-1])
+        indices, weights = self.router(flat)
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights).reshape(x.shape)
+        return self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
+
+    def __call__(self, x, step: AttentionInputs, cache, per_layer_input=None, shared_kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), step, cache, shared_kv)
+        x = x + self.post_attention_layernorm(h)
+        x = x + self.post_feedforward_layernorm(self.feed_forward(x))
+        if self.ple_dim:
+            gate = nn.gelu_approx(self.per_layer_input_gate(x)) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        if "layer_scalar" in self:
+            x = x * self.layer_scalar.astype(x.dtype)
+        return x, kv
+
+
+def scaled_embedding(table: nn.Module, ids: mx.array, scale: float) -> mx.array:
+    """Embedding lookup times a constant rounded to the table's dtype, as transformers does
+    (`Gemma4TextScaledWordEmbedding`: sqrt(3072) becomes 55.5 in bfloat16)."""
+    x = table(ids)
+    return x * mx.array(scale, dtype=x.dtype)
+
+
+class TextModel(nn.Module):
+    """Decoder stack; `language_model.*` in our parameter tree."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, H)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(H, config.rms_norm_eps, config.norm_offset)
+        self.ple_dim = config.hidden_size_per_layer_input
+        if self.ple_dim:
+            n = config.num_hidden_layers
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, n * self.ple_dim)
+            self.per_layer_model_projection = nn.Linear(H, n * self.ple_dim, bias=False)
+            self.per_layer_projection_norm = RMSNorm(self.ple_dim, config.rms_norm_eps, config.norm_offset)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        return scaled_embedding(self.embed_tokens, ids, self.config.hidden_size**0.5)
+
+    def per_layer_inputs(self, ids: mx.array, embeds: mx.array) -> mx.array:
+        """PLE (transformers' get_per_layer_inputs + project_per_layer_inputs): (B, L, layers, ple_dim)."""
+        B, L = ids.shape
+        n = self.config.num_hidden_layers
+        token_part = scaled_embedding(self.embed_tokens_per_layer, ids, self.ple_dim**0.5).reshape(B, L, n, self.ple_dim)
+        context = self.per_layer_model_projection(embeds) * (self.config.hidden_size**-0.5)
+        context = self.per_layer_projection_norm(context.reshape(B, L, n, self.ple_dim))
+        return (context + token_part) * (2.0**-0.5)
+
+    def __call__(self, ids: mx.array, cache=None, inputs_embeds: mx.array | None = None,
+                 block_ids: mx.array | None = None, last_only: bool = False) -> mx.array:
+        """ids (B, L) token ids (multimodal placeholders already replaced by pad for the PLE lookup);
+        inputs_embeds optionally overrides the token embeddings (merged image/audio features).
+        Returns final-normed hidden states (B, L, H), or (B, 1, H) with last_only."""
+        cfg = self.config
+        x = self.embed(ids) if inputs_embeds is None else inputs_embeds
+        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
+        if cache is None:
+            cache = [None] * len(self.layers)
+        offset = next((c.offset for c in cache if c is not None), 0)
+        step = AttentionInputs(offset=offset, block_ids=block_ids)
+
+        produced: dict[int, tuple] = {}
+        for i, layer in enumerate(self.layers):
+            shared = None
+            if cfg.is_kv_shared(i):
+                shared = produced[cfg.kv_producer(i)]
+                if last_only and x.shape[1] > 1:
+                    # KV-shared layers write no cache, so only the last position is needed from here on.
+                    L = x.shape[1]
+                    x = x[:, -1:]
+                    ple = ple[:, -1:] if ple is not None else None
+                    step = AttentionInputs(offset=step.offset + L - 1,
+                                           block_ids=None if step.block_ids is None else step.block_ids[-1:])
+            x, kv = layer(x, step, cache[i], None if ple is None else ple[:, :, i], shared)
+            produced[i] = kv
+        if last_only:
+            x = x[:, -1:]
+        return self.norm(x)
+
+    def make_cache(self) -> list:
+        """One cache per layer; KV-shared layers get None (they read their producer's)."""
+        cfg = self.config
+        return [None if cfg.is_kv_shared(i) else
+                (RotatingKVCache(cfg.sliding_window) if t == SLIDING else KVCache())
+                for i, t in enumerate(cfg.layer_types)]
