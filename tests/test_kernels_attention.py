@@ -179,3 +179,23 @@ def test_bad_inputs_raise_clear_errors():
         windowed_attention(q[0], k, v, **kw)
     with pytest.raises(ValueError, match="k and v shapes differ"):
         windowed_attention(q, k, v[:, :, :3], **kw)
+
+
+def test_race_check_catches_a_missing_barrier():
+    """Dropping the barrier that protects the K/V tiles from the next tile's load must be caught by the
+    forward/reverse schedule comparison (so the race checks on the real bodies are not vacuous)."""
+    import dataclasses
+
+    import msim
+
+    body = sa.PREFILL.source
+    tail = "    threadgroup_barrier(mem_flags::mem_threadgroup);\n    tiles++;"
+    assert body.count(tail) == 1
+    broken = dataclasses.replace(sa.PREFILL, name="gemma4_window_attention_prefill_racy",
+                                 source=body.replace(tail, "    tiles++;"))
+    rng = np.random.default_rng(2)
+    q, k, v = make_qkv(rng, 1, 2, 1, 16, 16, 256, mx.float32)  # BK = 8: two key tiles
+    with use_emulator(**EMULATOR) as runner:
+        runner._cache[sa.PREFILL.name] = runner.kernel(broken)
+        with pytest.raises(msim.OrderDependenceError, match="depends on the thread schedule"):
+            windowed_attention(q, k, v, scale=0.2, q_start=0, k_start=0, window=None)

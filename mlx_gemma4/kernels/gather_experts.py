@@ -13,7 +13,7 @@ Two implementations that must agree:
               expert); kernel 1 writes h = gelu(gate x) * (up x) per pair, kernel 2 sums the K down projections
               with their routing weights.
       prefill: pairs sorted by expert; a threadgroup owns a tile of BM consecutive sorted pairs and one output row
-              per thread; within the tile, pairs of the same expert share each dequantized weight row (grouped
+              per simdgroup; within the tile, pairs of the same expert share each dequantized weight row (grouped
               matrix-matrix product). The same body serves gate/up (GLU=true) and down (GLU=false, scaled by the
               routing weight); the per-token sum over K is a final gather + sum.
 """
@@ -31,7 +31,7 @@ DECODE_MAX_TOKENS = 8  # token counts up to this use the matrix-vector kernels
 SORT_MIN_PAIRS = 64  # the MLX path sorts (token, slot) pairs by expert from this many pairs on
 PREFILL_TILE_PAIRS = 8  # BM: sorted pairs per prefill threadgroup
 PREFILL_CHUNK = 128  # input columns staged in threadgroup memory per step (multiple of 8)
-PREFILL_ROWS = 64  # output rows (threads) per prefill threadgroup
+PREFILL_ROWS = 8  # output rows (simdgroups) per prefill threadgroup
 DECODE_ROWS = 4  # simdgroups (output rows) per decode threadgroup
 
 
@@ -170,9 +170,9 @@ _HEADER = """
 template <typename WT, typename ST, int BITS, int GS>
 struct WeightUnits {
   static constant constexpr const int N = 32 / BITS;
-  static METAL_FUNC int per_row(int in_dim) { return in_dim / N; }
+  static inline int per_row(int in_dim) { return in_dim / N; }
   template <typename PW, typename PS>
-  static METAL_FUNC void load(PW w, PS scales, PS biases, ulong row, int in_dim, int u, thread float* v) {
+  static inline void load(PW w, PS scales, PS biases, ulong row, int in_dim, int u, thread float* v) {
     const uint word = w[row * ulong(in_dim / N) + u];
     const ulong g = row * ulong(in_dim / GS) + ulong((u * N) / GS);
     const float s = float(scales[g]);
@@ -186,14 +186,14 @@ struct WeightUnits {
 template <typename WT, typename ST, int GS>
 struct WeightUnits<WT, ST, 0, GS> {
   static constant constexpr const int N = 1;
-  static METAL_FUNC int per_row(int in_dim) { return in_dim; }
+  static inline int per_row(int in_dim) { return in_dim; }
   template <typename PW, typename PS>
-  static METAL_FUNC void load(PW w, PS scales, PS biases, ulong row, int in_dim, int u, thread float* v) {
+  static inline void load(PW w, PS scales, PS biases, ulong row, int in_dim, int u, thread float* v) {
     v[0] = float(w[row * ulong(in_dim) + u]);
   }
 };
 
-METAL_FUNC float gelu_tanh(float x) {
+inline float gelu_tanh(float x) {
   const float c = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * x * (1.0f + metal::precise::tanh(c * (x + 0.044715f * x * x * x)));
 }
@@ -257,20 +257,25 @@ _DECODE_DOWN = """
   }
 """
 
-# Prefill: grouped product over pairs sorted by expert. Threadgroup (ROWS, 1, 1) owns sorted pairs
-# [tile * BM, tile * BM + BM) and output rows; each thread owns one output row `o` and keeps BM accumulators.
-# Input columns are staged in threadgroup memory CHUNK at a time; within the tile each run of equal experts
-# reads its weight row once for all of its pairs.
+# Prefill: grouped product over pairs sorted by expert. A threadgroup of RSG simdgroups owns the sorted pairs
+# [tile * BM, tile * BM + BM) and RSG output rows, one per simdgroup; lanes stride a row's storage words (so a
+# simdgroup reads a weight row contiguously, as in decode) and keep BM accumulators. Input columns are staged
+# in threadgroup memory CHUNK at a time; within the tile each run of pairs with the same expert reads its
+# weight row once for all of its pairs (the grouped matrix-matrix product).
 #   GLU=true : input row of pair j is x[order[j] / K] (in = H), output rows o < I of y = gelu(gate) * up
 #   GLU=false: input row of pair j is x[j] (h in sorted order, in = I), y = weights[order[j]] * (down . x)
-# grid (OUT, n_tiles, 1).
+# grid (32, ceil(OUT / RSG) * RSG, n_tiles), threadgroup (32, RSG, 1). The grid is padded to whole
+# threadgroups so the cooperative staging loop never depends on the size Metal reports for a partial
+# threadgroup; padding simdgroups stage inputs and meet barriers, nothing else.
 _PREFILL = """
   threadgroup float xs[BM * CHUNK];
   const int IN = params[0], OUT = params[1], K = params[2], N = params[3];
+  const int lane = int(thread_index_in_simdgroup);
   const int tid = int(thread_index_in_threadgroup);
-  const int nth = int(threads_per_threadgroup.x);
-  const int o = int(thread_position_in_grid.x);
-  const int j0 = int(threadgroup_position_in_grid.y) * BM;
+  const int nth = 32 * RSG;
+  const int o = int(thread_position_in_grid.y);
+  const bool active = o < OUT;
+  const int j0 = int(threadgroup_position_in_grid.z) * BM;
   const int nj = min(BM, N - j0);
   typedef WeightUnits<WT, ST, BITS, GS> U;
   float acc_a[BM], acc_b[BM];
@@ -292,7 +297,7 @@ _PREFILL = """
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     int run = 0;
-    while (run < nj) {
+    while (active && run < nj) {
       const int e = sorted_experts[j0 + run];
       int run_end = run + 1;
       while (run_end < nj && sorted_experts[j0 + run_end] == e) {
@@ -300,7 +305,7 @@ _PREFILL = """
       }
       const ulong row_a = GLU ? ulong(e) * ulong(2 * OUT) + ulong(o) : ulong(e) * ulong(OUT) + ulong(o);
       const ulong row_b = row_a + ulong(OUT);
-      for (int u = c0 / U::N; u < (c0 + nc) / U::N; ++u) {
+      for (int u = c0 / U::N + lane; u < (c0 + nc) / U::N; u += 32) {
         U::load(w, scales, biases, row_a, IN, u, va);
         if (GLU) {
           U::load(w, scales, biases, row_b, IN, u, vb);
@@ -322,10 +327,16 @@ _PREFILL = """
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
-  for (int j = 0; j < BM; ++j) {
-    if (j < nj) {
-      const float val = GLU ? gelu_tanh(acc_a[j]) * acc_b[j] : float(weights[order[j0 + j]]) * acc_a[j];
-      y[ulong(j0 + j) * ulong(OUT) + ulong(o)] = val;
+  if (active) {
+    for (int j = 0; j < BM; ++j) {
+      if (j < nj) {
+        const float a = simd_sum(acc_a[j]);
+        const float b = GLU ? simd_sum(acc_b[j]) : 0.0f;
+        if (lane == 0) {
+          const float val = GLU ? gelu_tanh(a) * b : float(weights[order[j0 + j]]) * a;
+          y[ulong(j0 + j) * ulong(OUT) + ulong(o)] = val;
+        }
+      }
     }
   }
 """
@@ -341,6 +352,10 @@ PREFILL = KernelSpec("gemma4_experts_prefill",
 SPECS = (DECODE_GATE_UP, DECODE_DOWN, PREFILL)
 
 _DUMMY = None
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _bank_args(bank: ExpertBank):
@@ -381,14 +396,16 @@ def expert_glu_metal(runner, x, indices, weights, gate_up: ExpertBank, down: Exp
     sorted_experts = flat[order]
     flat_w = weights.reshape(-1)
     tiles = -(-n // PREFILL_TILE_PAIRS)
-    common = [("BM", PREFILL_TILE_PAIRS), ("CHUNK", PREFILL_CHUNK)]
+    common = [("BM", PREFILL_TILE_PAIRS), ("CHUNK", PREFILL_CHUNK), ("RSG", PREFILL_ROWS)]
     (h,) = runner.kernel(PREFILL)(
         inputs=[x, order, sorted_experts, flat_w, *gu_in, mx.array([H, inter, K, n, 0, 0, 0, 0], mx.int32)],
-        template=[*gu_t, *common, ("GLU", True)], grid=(inter, tiles, 1), threadgroup=(PREFILL_ROWS, 1, 1),
+        template=[*gu_t, *common, ("GLU", True)], grid=(32, _padded(inter, PREFILL_ROWS), tiles),
+        threadgroup=(32, PREFILL_ROWS, 1),
         output_shapes=[(n, inter)], output_dtypes=[mx.float32])
     (y,) = runner.kernel(PREFILL)(
         inputs=[h, order, sorted_experts, flat_w, *dn_in, mx.array([inter, H, K, n, 0, 0, 0, 0], mx.int32)],
-        template=[*dn_t, *common, ("GLU", False)], grid=(H, tiles, 1), threadgroup=(PREFILL_ROWS, 1, 1),
+        template=[*dn_t, *common, ("GLU", False)], grid=(32, _padded(H, PREFILL_ROWS), tiles),
+        threadgroup=(32, PREFILL_ROWS, 1),
         output_shapes=[(n, H)], output_dtypes=[mx.float32])
     # y is already scaled by the routing weights; put the pairs back in token order and sum over k.
     return y[mx.argsort(order)].reshape(T, K, H).sum(axis=1).astype(x.dtype)

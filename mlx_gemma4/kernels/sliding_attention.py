@@ -119,7 +119,8 @@ def windowed_attention_mlx(q, k, v, *, scale, q_start, k_start, window, block_id
         q_pos = mx.arange(q_start + b.q0, q_start + b.q1)
         k_pos = mx.arange(k_start + b.k0, k_start + b.k1)
         ids = (block_ids[off + b.q0:off + b.q1], block_ids[b.k0:b.k1]) if block_ids is not None else (None, None)
-        mask = visibility(q_pos, k_pos, window, *ids)
+        # a single query sees every key of its range (the range is exactly its visible span): no mask
+        mask = None if b.q1 - b.q0 == 1 else visibility(q_pos, k_pos, window, *ids)
         outs.append(mx.fast.scaled_dot_product_attention(
             q[:, :, b.q0:b.q1], k[:, :, b.k0:b.k1], v[:, :, b.k0:b.k1], scale=scale, mask=mask))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
@@ -137,13 +138,16 @@ def dense_attention_mlx(q, k, v, *, scale, q_start, k_start, window, block_ids=N
 # --------------------------------------------------------------------------------------------- Metal path
 
 _HEADER = """
-METAL_FUNC bool key_visible(int qpos, int kpos, int q_id, int k_id, int window) {
+inline bool key_visible(int qpos, int kpos, int q_id, int k_id, int window) {
   const bool same_block = q_id >= 0 && q_id == k_id;
   return (kpos <= qpos || same_block) && (window <= 0 || qpos - kpos < window);
 }
 """
 
 # params: [L, S, q_start, k_start, window (0 = none), Hq, Hkv, has_blocks]
+# grid (32, ceil(L / BQ) * BQ, B * Hq), threadgroup (32, BQ, 1): simdgroup = query, threadgroup = query block.
+# The grid is padded to whole threadgroups so cooperative tile loads never depend on the size Metal reports
+# for a partial edge threadgroup.
 _PREFILL = """
   threadgroup T k_tile[BK * D];
   threadgroup T v_tile[BK * D];
@@ -152,8 +156,9 @@ _PREFILL = """
   constexpr int DPL = (D + 31) / 32;
   const int lane = int(thread_index_in_simdgroup);
   const int tid = int(thread_index_in_threadgroup);
-  const int nth = int(threads_per_threadgroup.x * threads_per_threadgroup.y);
+  const int nth = 32 * BQ;  // the grid is padded to whole threadgroups
   const int i = int(thread_position_in_grid.y);
+  const bool active = i < L;  // padding simdgroups help load tiles and meet barriers, nothing else
   const int bh = int(thread_position_in_grid.z);
   const int hq = bh % Hq;
   const int bk = (bh / Hq) * Hkv + hq / (Hq / Hkv);
@@ -173,12 +178,12 @@ _PREFILL = """
     }
   }
   const int qpos = q_start + i;
-  const int q_id = has_blocks != 0 ? block_ids[i + off] : -1;
+  const int q_id = (active && has_blocks != 0) ? block_ids[i + off] : -1;
   const ulong q_row = (ulong(bh) * ulong(L) + ulong(i)) * ulong(D);
   float qv[DPL];
   for (int c = 0; c < DPL; ++c) {
     const int d = lane + 32 * c;
-    qv[c] = d < D ? float(q[q_row + d]) * scale : 0.0f;
+    qv[c] = (active && d < D) ? float(q[q_row + d]) * scale : 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
   float acc[DPL];
@@ -194,7 +199,7 @@ _PREFILL = """
       v_tile[n] = kk < S ? v[src] : T(0);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int j = 0; j < BK; ++j) {
+    for (int j = 0; j < BK && active; ++j) {
       const int kk = t0 + j;
       if (kk < k_lo || kk >= k_hi) {
         continue;
@@ -225,7 +230,7 @@ _PREFILL = """
   const float inv_l = 1.0f / l;
   for (int c = 0; c < DPL; ++c) {
     const int d = lane + 32 * c;
-    if (d < D) {
+    if (active && d < D) {
       out[q_row + d] = T(acc[c] * inv_l);
     }
   }
@@ -356,6 +361,6 @@ def windowed_attention_metal(runner, q, k, v, *, scale, q_start, k_start, window
     n_qblocks = -(-L // PREFILL_BQ)
     out, tiles = runner.kernel(PREFILL)(
         inputs=inputs, template=[("T", q.dtype), ("D", D), ("BQ", PREFILL_BQ), ("BK", bk)],
-        grid=(32, L, B * Hq), threadgroup=(32, PREFILL_BQ, 1),
+        grid=(32, n_qblocks * PREFILL_BQ, B * Hq), threadgroup=(32, PREFILL_BQ, 1),
         output_shapes=[q.shape, (B * Hq, n_qblocks)], output_dtypes=[q.dtype, mx.int32])
     return (out, tiles) if return_tiles else out
