@@ -72,12 +72,3 @@ class EmulatorRunner:
                                         header=spec.header)
             self._cache[spec.name] = functools.partial(k, **self.options) if self.options else k
         return self._cache[spec.name]
-
-
-_TYPE_NAMES = {mx.float32: "float", mx.float16: "half", mx.bfloat16: "bfloat"}
-
-
-def float_dtype_name(dtype) -> str:
-    if dtype not in _TYPE_NAMES:
-        raise ValueError(f"unsupported dtype {dtype} (expected float32, float16 or bfloat16)")
-    return _TYPE_NAMES[dtype]
