@@ -66,7 +66,7 @@ class RotatingKVCache:
         """Stored entries in temporal order (oldest first)."""
         if self.keys is None:
             return None, None
-        if self.offset <= self.window:
+        if self.offset <= self.window:  # slot = position; the buffer may be longer than what is filled
             return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
         start = self.offset % self.window
         order = lambda a: mx.concatenate([a[..., start:, :], a[..., :start, :]], axis=2)  # noqa: E731
@@ -84,12 +84,8 @@ class RotatingKVCache:
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
         L = keys.shape[2]
-        if L == 1 and self.keys is not None and self.offset >= self.window:
-            slot = self.offset % self.window
-            self.keys[..., slot : slot + 1, :] = keys
-            self.values[..., slot : slot + 1, :] = values
-            self.offset += 1
-            return self.keys, self.values, self.offset - self.window
+        if L == 1 and self.keys is not None:
+            return self._decode_step(keys, values)
         old_k, old_v = self._temporal()
         if old_k is not None and old_k.shape[2] > 0:
             all_k = mx.concatenate([old_k, keys], axis=2)
@@ -100,6 +96,19 @@ class RotatingKVCache:
         self.offset += L
         self._store_last(all_k, all_v, self.offset)
         return all_k, all_v, k_start
+
+    def _decode_step(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+        """Write one token in place: at the end while filling up, then over the oldest slot."""
+        if self.keys.shape[2] < self.window:  # grow the buffer to its final size once
+            B, H, n, D = self.keys.shape
+            pad = lambda a: mx.concatenate([a, mx.zeros((B, H, self.window - n, a.shape[-1]), a.dtype)], axis=2)  # noqa: E731
+            self.keys, self.values = pad(self.keys), pad(self.values)
+        slot = self.offset % self.window
+        self.keys[..., slot : slot + 1, :] = keys
+        self.values[..., slot : slot + 1, :] = values
+        self.offset += 1
+        n = min(self.offset, self.window)
+        return self.keys[..., :n, :], self.values[..., :n, :], self.offset - n
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:

@@ -95,7 +95,8 @@ class TextModel(nn.Module):
         """PLE (transformers' get_per_layer_inputs + project_per_layer_inputs): (B, L, layers, ple_dim)."""
         B, L = ids.shape
         n = self.config.num_hidden_layers
-        token_part = scaled_embedding(self.embed_tokens_per_layer, ids, self.ple_dim**0.5).reshape(B, L, n, self.ple_dim)
+        token_part = scaled_embedding(self.embed_tokens_per_layer, ids, self.ple_dim**0.5)
+        token_part = token_part.astype(embeds.dtype).reshape(B, L, n, self.ple_dim)
         context = self.per_layer_model_projection(embeds) * (self.config.hidden_size**-0.5)
         context = self.per_layer_projection_norm(context.reshape(B, L, n, self.ple_dim))
         return (context + token_part) * (2.0**-0.5)

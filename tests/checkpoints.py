@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 
 VOCAB = 512
+# Multimodal marker/placeholder ids inside the tiny vocabulary (the real ones are 255999..258884).
+MM_TOKEN_IDS = dict(boi_token_id=500, eoi_token_id=501, image_token_id=502, video_token_id=503, boa_token_id=504,
+                    eoa_token_index=505, audio_token_id=506)
 
 # Shared tiny text dimensions; variants override.
 _BASE_TEXT = dict(
@@ -168,3 +171,248 @@ def load_hf(path, dtype=None):
     cls = Gemma4ForConditionalGeneration if cfg.model_type == "gemma4" else Gemma4ForCausalLM
     model = cls.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+# ---- Gemma 3 text (the subset of Gemma 4's decoder that real offline weights use) -----------------
+
+GEMMA3_TEXT = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+    layer_types=_pattern(7, 6), rope_theta=1000000.0, rope_local_base_freq=10000.0,
+    final_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+    max_position_embeddings=4096, tie_word_embeddings=True,
+)
+
+
+def make_gemma3_checkpoint(out_dir: str | os.PathLike, seed: int = 0, extra: dict | None = None) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**dict(GEMMA3_TEXT, **(extra or {})))).float().eval()
+    # Gemma 3 norms multiply by (1 + w): transformers inits w = 0, so set w = 0.3*randn for the same effect.
+    randomize_norms_and_scalars(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.sub_(1.0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def load_hf_gemma3(path):
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    return Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# ==========================================================================================================
+# Audio tower (E2B/E4B-like): tiny conformer config + weight randomization for multimodal checkpoints
+# ==========================================================================================================
+
+# Shrunk Gemma4AudioConfig keeping every feature: 2 conformer layers, chunked attention with a short window
+# (chunk 4, 5 frames back), a logit cap and gradient-clipping bound small enough to bite, clipped linears.
+# subsampling_conv_channels[0] must stay 128: HF sizes input_proj_linear as (c0 // 4) * c1, which only fits the
+# 128 mel bins when c0 == 128.
+AUDIO_CONFIG = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="silu",
+    subsampling_conv_channels=[128, 8],
+    conv_kernel_size=5,
+    residual_weight=0.5,
+    attention_chunk_size=4,
+    attention_context_left=6,
+    attention_context_right=0,
+    attention_logit_cap=1.0,
+    attention_invalid_logits_value=-1.0e9,
+    use_clipped_linears=True,
+    rms_norm_eps=1e-6,
+    gradient_clipping=4.0,
+    output_proj_dims=24,
+    initializer_range=0.1,
+)
+
+
+def tiny_audio_config(**overrides) -> dict:
+    """The tiny audio_config dict (pass to Gemma4Config(audio_config=...) or Gemma4AudioConfig(**...))."""
+    return dict(AUDIO_CONFIG, **overrides)
+
+
+def randomize_audio_tower(audio_tower, seed: int = 0, n_frames: int = 96) -> None:
+    """Make a transformers Gemma4AudioModel's random weights test-worthy, in place:
+
+    norms 1 + 0.3*randn (randomize_norms_and_scalars), per_dim_scale randn, and finite clip bounds on every
+    Gemma4ClippableLinear chosen from one forward pass on random log-mel-like input (the 3rd/97th percentiles
+    of each linear's input and output), so that clipping changes a few percent of values everywhere."""
+    import torch
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    randomize_norms_and_scalars(audio_tower, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    seen: dict[str, tuple] = {}
+    hooks = []
+    with torch.no_grad():
+        for name, p in audio_tower.named_parameters():
+            if name.endswith("per_dim_scale"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        for name, module in audio_tower.named_modules():
+            if isinstance(module, Gemma4ClippableLinear) and module.use_clipped_linears:
+                hooks.append(module.linear.register_forward_hook(
+                    lambda m, inp, out, name=name: seen.__setitem__(name, (inp[0].detach(), out.detach()))))
+        features = torch.randn(1, n_frames, 128, generator=g) * 2.0 - 4.0
+        audio_tower(features, torch.ones(1, n_frames, dtype=torch.bool))
+        for h in hooks:
+            h.remove()
+        for name, module in audio_tower.named_modules():
+            if name in seen:
+                x, y = seen[name]
+                module.input_min.fill_(torch.quantile(x.flatten(), 0.03).item())
+                module.input_max.fill_(torch.quantile(x.flatten(), 0.97).item())
+                module.output_min.fill_(torch.quantile(y.flatten(), 0.03).item())
+                module.output_max.fill_(torch.quantile(y.flatten(), 0.97).item())
+
+
+def make_audio_checkpoint(out_dir: str | os.PathLike, variant: str = "e2b", *, seed: int = 0) -> Path:
+    """Save a tiny Gemma4ForConditionalGeneration with the text `variant` and the tiny audio tower (no vision):
+    keys `model.language_model.*`, `model.audio_tower.*` (clip bounds included), `model.embed_audio.*`."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    out = Path(out_dir)
+    config = Gemma4Config(text_config=TEXT_VARIANTS[variant], vision_config=None, audio_config=tiny_audio_config(),
+                          **MM_TOKEN_IDS)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).float().eval()
+    randomize_norms_and_scalars(model, seed)
+    randomize_audio_tower(model.model.audio_tower, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# ==================================================================================================
+# Vision towers (vision helper). Tiny `vision_config` dicts for Gemma4ForConditionalGeneration:
+#   small  like E2B/E4B's tower: clipped linears (bounds set to finite, active values by calibration)
+#   large  like 26B/31B's tower: `standardize` (random std_bias / std_scale), head_dim 24 (72-like: not 2^k)
+# Patch size and pooling stay at the published 16 / 3 so real processor outputs feed them.
+# Use: Gemma4Config(text_config=TEXT_VARIANTS[v], vision_config=vision_config("small"), audio_config=None),
+# then randomize_vision_tower(model, seed) after randomize_norms_and_scalars; or make_multimodal_model(...).
+# ==================================================================================================
+
+_BASE_VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0},  # the published spelling
+    pooling_kernel_size=3,
+    patch_size=16,
+    position_embedding_size=1024,  # > 3 * 280 patches along a 1xN strip at the 280 budget
+    default_output_length=280,
+)
+
+VISION_VARIANTS: dict[str, dict] = {
+    "small": dict(_BASE_VISION, use_clipped_linears=True, standardize=False),
+    "large": dict(_BASE_VISION, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=24, use_clipped_linears=False, standardize=True),
+}
+
+# Which tower each text variant carries in the published models.
+VISION_FOR_TEXT = {"e2b": "small", "e4b": "small", "26b": "large", "31b": "large"}
+
+
+def vision_config(variant: str) -> dict:
+    """A fresh copy of the tiny vision_config dict of `variant` ("small" or "large")."""
+    return json.loads(json.dumps(VISION_VARIANTS[variant]))
+
+
+def calibration_images(seed: int = 0, budget: int = 70):
+    """(pixel_values, position_ids) torch tensors of two noisy gradient pictures made by transformers'
+    Pillow image processor: a batch for setting clip bounds."""
+    import numpy as np
+    import torch
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w in ((120, 200), (260, 90)):
+        y, x = np.mgrid[0:h, 0:w] / max(h, w)
+        rgb = np.stack([255 * x, 255 * y, 128 + 60 * np.sin(20 * x * y)], -1) + rng.normal(0, 25, (h, w, 3))
+        images.append(np.clip(rgb, 0, 255).astype(np.uint8))
+    out = Gemma4ImageProcessorPil()(images, max_soft_tokens=budget)
+    return torch.tensor(np.asarray(out["pixel_values"])), torch.tensor(np.asarray(out["image_position_ids"]))
+
+
+def randomize_vision_tower(model, seed: int = 0) -> None:
+    """Give the vision tower's init-constant tensors random values so a forgotten one shows.
+
+    position_embedding_table (init 1) -> randn; std_bias -> 0.5*randn, std_scale -> 1 + 0.3*randn;
+    clipped-linear bounds (init +-inf) -> finite: each bound is the 10th/90th percentile of the values that
+    linear sees on `calibration_images()`, so clipping really happens on pictures. `model` is a
+    Gemma4ForConditionalGeneration, Gemma4Model or Gemma4VisionModel."""
+    import torch
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear, Gemma4VisionModel
+
+    tower = next(m for m in model.modules() if isinstance(m, Gemma4VisionModel))
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        table = tower.patch_embedder.position_embedding_table
+        table.copy_(torch.randn(table.shape, generator=g))
+        if tower.config.standardize:
+            tower.std_bias.copy_(0.5 * torch.randn(tower.std_bias.shape, generator=g))
+            tower.std_scale.copy_(1.0 + 0.3 * torch.randn(tower.std_scale.shape, generator=g))
+        clipped = [m for m in tower.modules() if isinstance(m, Gemma4ClippableLinear) and m.use_clipped_linears]
+        if not clipped:
+            return
+        seen: dict = {}
+        hooks = [m.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod, (args[0], out)))
+                 for m in clipped]
+        try:
+            pixel_values, position_ids = calibration_images(seed)
+            tower(pixel_values=pixel_values, pixel_position_ids=position_ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in clipped:
+            x, y = (t.detach().flatten().float() for t in seen[m])
+            m.input_min.fill_(torch.quantile(x, 0.1).item())
+            m.input_max.fill_(torch.quantile(x, 0.9).item())
+            m.output_min.fill_(torch.quantile(y, 0.1).item())
+            m.output_max.fill_(torch.quantile(y, 0.9).item())
+
+
+def make_multimodal_model(text_variant: str, vision_variant: str | None = None, seed: int = 0, *,
+                          audio: bool = False, text_extra: dict | None = None):
+    """A tiny random Gemma4ForConditionalGeneration (text + vision tower, + the audio tower if asked), float32,
+    eval mode, with the multimodal token ids inside the tiny vocabulary."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    text_config = Gemma4TextConfig(**dict(TEXT_VARIANTS[text_variant], **(text_extra or {}))).to_dict()
+    config = Gemma4Config(text_config=text_config,
+                          vision_config=vision_config(vision_variant or VISION_FOR_TEXT[text_variant]),
+                          audio_config=tiny_audio_config() if audio else None, **MM_TOKEN_IDS)
+    model = Gemma4ForConditionalGeneration(config).float().eval()
+    randomize_norms_and_scalars(model, seed)
+    randomize_vision_tower(model, seed)
+    if audio:
+        randomize_audio_tower(model.model.audio_tower, seed)
+    return model
+
+
+def make_multimodal_checkpoint(out_dir: str | os.PathLike, text_variant: str, vision_variant: str | None = None,
+                               seed: int = 0, *, audio: bool = False, text_extra: dict | None = None) -> Path:
+    """Save make_multimodal_model(...) into out_dir (keys model.language_model.*, model.vision_tower.*,
+    model.embed_vision.*)."""
+    out = Path(out_dir)
+    make_multimodal_model(text_variant, vision_variant, seed, audio=audio, text_extra=text_extra).save_pretrained(
+        out, safe_serialization=True)
+    return out

@@ -35,3 +35,19 @@ def text_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def multimodal_checkpoint(tmp_path_factory):
+    """Factory: multimodal_checkpoint(text_variant, vision_variant=None) -> Path of a saved tiny
+    Gemma4ForConditionalGeneration (text + vision tower; vision variant defaults to the published pairing)."""
+    made: dict[tuple, Path] = {}
+
+    def make(text_variant: str, vision_variant: str | None = None, audio: bool = False) -> Path:
+        key = (text_variant, vision_variant, audio)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{text_variant}-vision-{vision_variant or 'default'}-audio{int(audio)}")
+            made[key] = checkpoints.make_multimodal_checkpoint(out, text_variant, vision_variant, audio=audio)
+        return made[key]
+
+    return make

@@ -1,0 +1,1 @@
+"""Input processing: images/video (processing.image, processing.video), audio (processing.audio), text."""
