@@ -35,17 +35,22 @@ def run(model, ids, chunks, block_ids=None):
     return np.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("variant,quantize", [("26b", None), ("e2b", None), ("26b", 4)])
-def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize):
+# (variant, quantize, image token span): 26B's window is 16, so a 20-token image makes queries at its start
+# see keys past their window-limited past (window AND (causal OR same image)); a 9-token one fits inside it.
+CASES = [("26b", None, (4, 24)), ("e2b", None, None), ("26b", 4, (6, 15))]
+
+
+@pytest.mark.parametrize("variant,quantize,image", CASES)
+def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize, image):
     kw = dict(quantize=quantize, group_size=32) if quantize else {}
     model, _ = load(text_checkpoint(variant), dtype="float32", **kw)
-    ids = np.random.RandomState(3).randint(3, checkpoints.VOCAB, (1, 30))
+    ids = np.random.RandomState(3).randint(3, checkpoints.VOCAB, (1, 34))
     block_ids = None
-    if variant == "26b":  # an image of 9 soft tokens (longer than nothing, inside the 16-token window)
-        block_ids = -np.ones(30, np.int32)
-        block_ids[6:15] = 0
-    # a 20-token prefill chunk (prefill kernels: > 8 queries / tokens), then 3 + single-token decode steps
-    chunks = [20, 3] + [1] * 7
+    if image is not None:
+        block_ids = -np.ones(ids.shape[1], np.int32)
+        block_ids[image[0]:image[1]] = 0
+    # a 26-token prefill chunk (prefill kernels: > 8 queries / tokens), then 3 + single-token decode steps
+    chunks = [26, 3] + [1] * 5
     with use_backend("mlx"):
         want = run(model, ids, chunks, block_ids)
     with use_emulator(**EMULATOR) as runner:
