@@ -113,3 +113,15 @@ def test_emulator_compiles_the_exact_text_mlx_generates(case):
     _, ours = mlx_kernel_source(spec.name, spec.input_names, spec.output_names, spec.source, spec.header, infos,
                                 [name(d) for d in out_dtypes], targs)
     assert ours == golden
+
+
+@pytest.mark.parametrize("backend_name", ["mlx", "emulate"])
+def test_empty_inputs_give_empty_outputs(backend_name):
+    gu = ExpertBank(mx.zeros((4, 64, 32)))
+    dn = ExpertBank(mx.zeros((4, 32, 32)))
+    with use_backend(backend_name):
+        out = expert_glu(mx.zeros((0, 32), mx.bfloat16), mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), gu, dn)
+        assert out.shape == (0, 32) and out.dtype == mx.bfloat16
+        q, kv = mx.zeros((1, 2, 0, 32)), mx.zeros((1, 1, 3, 32))
+        out = windowed_attention(q, kv, kv, scale=1.0, q_start=3, k_start=0, window=4)
+        assert out.shape == (1, 2, 0, 32)

@@ -102,6 +102,8 @@ def expert_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_up: Exper
     Returns (T, H) in x's dtype."""
     _validate_experts(x, indices, weights, gate_up, down)
     name, runner = _resolve()
+    if x.shape[0] == 0:
+        return mx.zeros(x.shape, x.dtype)
     if name == "mlx":
         return expert_glu_mlx(x, indices, weights, gate_up, down)
     return expert_glu_metal(runner, x, indices, weights, gate_up, down)
@@ -117,6 +119,8 @@ def windowed_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, q
     dtype; softmax in float32."""
     _validate_attention(q, k, v, scale, q_start, k_start, window, block_ids)
     name, runner = _resolve()
+    if q.size == 0:
+        return mx.zeros(q.shape, q.dtype)
     kw = dict(scale=scale, q_start=q_start, k_start=k_start, window=window, block_ids=block_ids)
     if name == "mlx":
         return windowed_attention_mlx(q, k, v, **kw)
