@@ -173,6 +173,8 @@ def test_bad_inputs_raise_clear_errors():
         windowed_attention(q, k, v, scale=1.0, q_start=2, k_start=0, window=None)
     with pytest.raises(ValueError, match="block_ids must have shape"):
         windowed_attention(q, k, v, **dict(kw, block_ids=mx.zeros((3,), mx.int32)))
+    with use_backend("mlx"), pytest.raises(ValueError, match="two separate runs"):
+        windowed_attention(q, k, v, **dict(kw, block_ids=mx.array([0, -1, 0, -1], mx.int32)))
     with pytest.raises(ValueError, match="window must be"):
         windowed_attention(q, k, v, **dict(kw, window=0))
     with pytest.raises(ValueError, match="4-D"):

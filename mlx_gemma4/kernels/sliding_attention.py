@@ -5,8 +5,9 @@ Query i sits at absolute position q_start + i, key j at k_start + j. Key j is vi
 where a position's block id is block_ids[pos - k_start] (-1 = text) and "same block" means equal ids >= 0. This is
 transformers' sliding mask for `use_bidirectional_attention="vision"` (modeling_gemma4.py: the sliding-window
 mask AND-ed with causal OR-ed with the vision block mask); full-attention layers pass window=None and no
-block ids. Block ids come from a cumulative count of image starts, so each id is one contiguous run: the last
-key a query can see is therefore its own position or the end of its image, whichever is later.
+block ids. Block ids come from a cumulative count of image starts, so each id is one contiguous run (the MLX
+path checks it): the last key a query can see is therefore its own position or the end of its image, whichever
+is later.
 
 Implementations (all softmax in float32):
   * `windowed_attention_mlx`: query blocks of `block_q` rows each attend only to the key range their window
@@ -69,6 +70,10 @@ def key_ends(L: int, S: int, offset: int, block_ids) -> np.ndarray:
     ids = np.asarray(block_ids, dtype=np.int64)
     # end of each contiguous run of equal ids: reverse running minimum over the run boundaries
     boundary = np.append(ids[1:] != ids[:-1], True)
+    image_runs = ids[boundary][ids[boundary] >= 0]
+    if len(np.unique(image_runs)) != len(image_runs):
+        raise ValueError("block_ids: an image id occurs in two separate runs; each image's tokens must be "
+                         "contiguous (ids as made by a cumulative count of image starts)")
     run_end = np.minimum.accumulate(np.where(boundary, np.arange(S), S)[::-1])[::-1] + 1
     q_ids = ids[offset:offset + L]
     return np.where(q_ids >= 0, np.maximum(own, run_end[offset:offset + L]), own)
