@@ -197,10 +197,9 @@ def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str 
 
 
 def _quantizable(module: nn.Module, group_size: int) -> bool:
-    w = getattr(module, "weight", None)
-    if w is None:
-        w = getattr(module, "gate_up_proj", None)
-    return w is not None and w.ndim >= 2 and w.shape[-1] % group_size == 0
+    """Every matrix the module would quantize (a weight, or both expert banks) has whole groups per row."""
+    mats = [w for w in (getattr(module, n, None) for n in ("weight", "gate_up_proj", "down_proj")) if w is not None]
+    return bool(mats) and all(w.ndim >= 2 and w.shape[-1] % group_size == 0 for w in mats)
 
 
 def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:

@@ -51,3 +51,55 @@ def multimodal_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """Factory: tokenizer_dir(vocab_size=512) -> directory with tokenizer.json, tokenizer_config.json and the
+    built-in Gemma 4 chat_template.jinja (checkpoints.make_tokenizer), cached for the session."""
+    made: dict[int, Path] = {}
+
+    def make(vocab_size: int = checkpoints.VOCAB) -> Path:
+        if vocab_size not in made:
+            out = tmp_path_factory.mktemp(f"tokenizer-{vocab_size}")
+            made[vocab_size] = checkpoints.make_tokenizer(out, vocab_size)
+        return made[vocab_size]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(text_checkpoint, tokenizer_dir, tmp_path_factory):
+    """Factory: chat_checkpoint(variant) -> a copy of text_checkpoint(variant) with the 512-id tokenizer and
+    chat template added (what `python -m mlx_gemma4.generate` needs), cached for the session."""
+    import shutil
+
+    made: dict[str, Path] = {}
+
+    def make(variant: str = "e2b") -> Path:
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"chat-{variant}")
+            shutil.copytree(text_checkpoint(variant), out, dirs_exist_ok=True)
+            shutil.copytree(tokenizer_dir(checkpoints.VOCAB), out, dirs_exist_ok=True)
+            made[variant] = out
+        return made[variant]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def audio_chat_checkpoint(tmp_path_factory):
+    """The tiny E2B-with-audio-tower checkpoint (checkpoints.make_audio_checkpoint) plus a 512-id tokenizer whose
+    image/audio control tokens sit at the checkpoint's ids (MM_TOKEN_IDS)."""
+    out = checkpoints.make_audio_checkpoint(tmp_path_factory.mktemp("chat-e2b-audio"))
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@pytest.fixture(scope="session")
+def vision_chat_checkpoint(multimodal_checkpoint, tmp_path_factory):
+    """multimodal_checkpoint("e2b") (text + vision tower) plus the 512-id tokenizer with MM_TOKEN_IDS."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("chat-e2b-vision")
+    shutil.copytree(multimodal_checkpoint("e2b"), out, dirs_exist_ok=True)
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)

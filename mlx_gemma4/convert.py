@@ -1,0 +1,130 @@
+"""Convert a Gemma 4 checkpoint (Hugging Face or ours) into an MLX checkpoint, optionally quantized.
+
+    python -m mlx_gemma4.convert --model google/gemma-4-E2B-it --out gemma-4-E2B-it-4bit --bits 4 --recipe mixed
+
+Writes safetensors shards under our parameter names (+ model.safetensors.index.json), config.json with the
+`quantization` entry `load` applies before reading the weights, and the tokenizer, chat template and
+processor files. Quantization is the loader's (`loading.quantization_plan` / `apply_quantization`), so
+`load(src, quantize=B, group_size=G, recipe=R, dtype=D)` builds exactly the model that converting with the same
+settings and loading the result does.
+
+Recipes: `uniform` quantizes every eligible linear and embedding to `bits`; `mixed` keeps the tensors
+4 bits hurts most at 8 bits: the token embedding (also the tied LM head), the per-layer-embedding (PLE) table,
+its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`). Tensors whose input width is not
+a multiple of the group size stay in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import backend
+from .loading import load_model, resolve_path
+
+# Non-weight files a checkpoint ships that `load` and the processors read.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "chat_template.jinja", "chat_template.json", "generation_config.json", "processor_config.json",
+              "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def source_dtype(config: dict) -> str:
+    """The dtype a checkpoint was published in (config `dtype`/`torch_dtype`), bfloat16 if it does not say."""
+    for d in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(d.get(key), str) and d[key] in ("float32", "bfloat16", "float16"):
+                return d[key]
+    return "bfloat16"
+
+
+def save_shards(weights: dict[str, mx.array], out: Path, max_shard_bytes: int = 5 << 30) -> list[str]:
+    """Write weights into shards of at most max_shard_bytes (one tensor may exceed it) + an index."""
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        w = weights[name]
+        if shards[-1] and size + w.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+    names = []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        names.append(file)
+        weight_map.update({k: file for k in shard})
+    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
+            recipe: str = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
+            overwrite: bool = False) -> Path:
+    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`."""
+    src_path = resolve_path(src)
+    out = Path(out)
+    if out.resolve() == src_path.resolve():
+        raise ValueError("--out must differ from the source checkpoint directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    if bits is None and recipe != "uniform":
+        raise ValueError("--recipe needs --bits")
+    raw = json.loads((src_path / "config.json").read_text())
+    dtype = dtype or source_dtype(raw)
+    target = backend.resolve_dtype(dtype)
+    model = load_model(src_path, dtype=target, quantize=bits, group_size=group_size, recipe=recipe)
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    save_shards(weights, out, int(max_shard_gb * (1 << 30)))
+    config = dict(raw)
+    config.pop("quantization_config", None)
+    if model.config.quantization:
+        config["quantization"] = model.config.quantization
+    config["dtype"] = str(target).split(".")[-1]
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in SIDE_FILES:
+        if (src_path / name).is_file():
+            shutil.copy2(src_path / name, out / name)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.convert",
+                                description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
+    p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
+                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.recipe == "mixed" and args.bits is None:
+        p.error("--recipe mixed needs --bits")
+    try:
+        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
+    print(f"wrote {out} ({q})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
