@@ -91,7 +91,7 @@ def test_expert_glu_metal_and_mlx_match_float64(case):
     assert out_mlx.dtype == dtype and out_metal.dtype == dtype
     assert out_metal.shape == (T, H)
     # the token count picks the path: matrix-vector kernels for decode, grouped kernel for prefill
-    used = set(runner._cache)
+    used = runner.compiled
     if T <= ge.DECODE_MAX_TOKENS:
         assert used == {ge.DECODE_GATE_UP.name, ge.DECODE_DOWN.name}
     else:

@@ -55,7 +55,7 @@ def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize, ima
         want = run(model, ids, chunks, block_ids)
     with use_emulator(**EMULATOR) as runner:
         got = run(model, ids, chunks, block_ids)
-    used = set(runner._cache)
+    used = runner.compiled
     assert {sa.PREFILL.name, sa.DECODE.name} <= used
     if variant == "26b":
         assert {ge.PREFILL.name, ge.DECODE_GATE_UP.name, ge.DECODE_DOWN.name} <= used

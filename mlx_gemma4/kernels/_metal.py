@@ -33,6 +33,11 @@ class MetalRunner:
     def __init__(self):
         self._cache: dict[str, object] = {}
 
+    @property
+    def compiled(self) -> set[str]:
+        """Names of the kernel specs this runner has built."""
+        return set(self._cache)
+
     def kernel(self, spec: KernelSpec):
         if spec.name not in self._cache:
             self._cache[spec.name] = mx.fast.metal_kernel(
@@ -64,6 +69,11 @@ class EmulatorRunner:
     def __post_init__(self):
         self._msim = _import_msim()
         self._cache: dict[str, object] = {}
+
+    @property
+    def compiled(self) -> set[str]:
+        """Names of the kernel specs this runner has built."""
+        return set(self._cache)
 
     def kernel(self, spec: KernelSpec):
         if spec.name not in self._cache:
