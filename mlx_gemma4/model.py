@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ModelConfig
+from .multimodal import MultimodalEmbedder
 from .text import TextModel
 
 
@@ -77,18 +78,17 @@ class Gemma4(nn.Module):
                         if t is not None and config.model_type == "gemma4"]
         self._placeholder_ids = mx.array(placeholders) if placeholders else None
         if config.vision is not None:
-            from .vision import MultimodalEmbedder, VisionConfig, VisionTower
+            from .vision import VisionConfig, VisionTower
 
             vc = VisionConfig.from_dict(config.vision)
             self.vision_tower = VisionTower(vc)
             self.embed_vision = MultimodalEmbedder(vc.hidden_size, H, vc.rms_norm_eps)
         if config.audio is not None:
             from .audio import AudioConfig, AudioTower
-            from .audio import MultimodalEmbedder as AudioEmbedder
 
             ac = AudioConfig.from_dict(config.audio)
             self.audio_tower = AudioTower(ac)
-            self.embed_audio = AudioEmbedder(ac.output_proj_dims, H, ac.rms_norm_eps)
+            self.embed_audio = MultimodalEmbedder(ac.output_proj_dims, H, ac.rms_norm_eps)
 
     # ---- multimodal inputs --------------------------------------------------------------------
     def image_features(self, pixel_values, position_ids) -> mx.array:

@@ -17,6 +17,10 @@ import mlx.nn as nn
 from .config import TextConfig
 from .kernels import ExpertBank, expert_glu
 
+# Optional observer of routing decisions, called as observer(router, indices) after every Router call when set.
+# Only `expert_trace.record_expert_choices` sets it (the app's and notebooks' expert plots); None costs nothing.
+routing_observer = None
+
 
 def route_top_k(scores: mx.array, k: int, per_expert_scale: mx.array) -> tuple[mx.array, mx.array]:
     """(T, E) router logits -> (indices (T, k) int32, weights (T, k) float32)."""
@@ -39,7 +43,10 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale.astype(x.dtype) * self.root_size
-        return route_top_k(self.proj(h), self.top_k, self.per_expert_scale)
+        indices, weights = route_top_k(self.proj(h), self.top_k, self.per_expert_scale)
+        if routing_observer is not None:
+            routing_observer(self, indices)
+        return indices, weights
 
 
 class Experts(nn.Module):

@@ -112,6 +112,10 @@ class TextModel(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
         offset = next((c.offset for c in cache if c is not None), 0)
+        if offset + x.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"context too long: {offset} cached + {x.shape[1]} new tokens exceed the model's "
+                             f"context length of {cfg.max_position_embeddings} tokens (fewer or smaller images, "
+                             "a shorter prompt, or a new conversation)")
         step = AttentionInputs(offset=offset, block_ids=block_ids)
 
         produced: dict[int, tuple] = {}

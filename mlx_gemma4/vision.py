@@ -49,6 +49,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .multimodal import ClippableLinear, MultimodalEmbedder
+from .norm import RMSNorm
+
 
 @dataclass
 class VisionConfig:
@@ -103,40 +106,6 @@ class VisionConfig:
                      "position_embedding_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"vision {name} must be positive, got {getattr(self, name)}")
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (weight used as is, not 1 + weight); `with_scale=False`: no weight."""
-
-    def __init__(self, dims: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        if with_scale:
-            self.weight = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.get("weight"), self.eps)
-
-
-class ClippableLinear(nn.Module):
-    """Bias-free linear; with clipping, input and output are clamped to learned scalar bounds."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        self.clipped = clipped
-        if clipped:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        y = self.linear(x)
-        return mx.clip(y, self.output_min.astype(y.dtype), self.output_max.astype(y.dtype))
 
 
 def axial_rope_angles(position_ids: mx.array, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
@@ -318,13 +287,3 @@ def soft_tokens_per_image(position_ids: np.ndarray | mx.array, pooling_kernel_si
     return [int(n) // pooling_kernel_size**2 for n in real]
 
 
-class MultimodalEmbedder(nn.Module):
-    """Gemma4MultimodalEmbedder: scale-free RMS norm, then a bias-free projection to the text hidden size."""
-
-    def __init__(self, vision_hidden_size: int, text_hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(vision_hidden_size, eps, with_scale=False)
-        self.embedding_projection = nn.Linear(vision_hidden_size, text_hidden_size, bias=False)
-
-    def __call__(self, soft_tokens: mx.array) -> mx.array:
-        return self.embedding_projection(self.embedding_pre_projection_norm(soft_tokens))

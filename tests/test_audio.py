@@ -9,7 +9,8 @@ import pytest
 
 import checkpoints
 import mlx.core as mx
-from mlx_gemma4.audio import AudioConfig, AudioTower, MultimodalEmbedder, audio_soft_tokens, sanitize
+from mlx_gemma4.audio import AudioConfig, AudioTower, audio_soft_tokens, sanitize
+from mlx_gemma4.multimodal import MultimodalEmbedder
 from mlx_gemma4.processing.audio import AudioFeatureExtractor, num_audio_soft_tokens
 
 torch = pytest.importorskip("torch")

@@ -139,3 +139,12 @@ def test_out_of_range_token_ids_are_a_clear_error(text_checkpoint):
     model, _ = load(text_checkpoint("e2b"))
     with pytest.raises(ValueError, match="token ids must be in"):
         model(mx.array([[1, 2, 100000]]))
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(text_checkpoint):
+    model, _ = load(text_checkpoint("31b"))
+    limit = model.config.text.max_position_embeddings
+    cache = model.make_cache()
+    model(mx.zeros((1, limit - 2), mx.int32), cache=cache, last_only=True)
+    with pytest.raises(ValueError, match="context too long"):
+        model(mx.zeros((1, 3), mx.int32), cache=cache)

@@ -18,7 +18,8 @@ import pytest
 
 import checkpoints
 from mlx_gemma4.processing.image import ImageProcessor
-from mlx_gemma4.vision import MultimodalEmbedder, VisionConfig, VisionTower, soft_tokens_per_image
+from mlx_gemma4.multimodal import MultimodalEmbedder
+from mlx_gemma4.vision import VisionConfig, VisionTower, soft_tokens_per_image
 
 REL_TOL = 1e-4
 REFERENCE = Path("/work/shared/reference/gemma4")

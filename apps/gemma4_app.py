@@ -1,0 +1,490 @@
+"""Gemma 4 chat app: a local Gradio UI over mlx-gemma4.
+
+    python apps/gemma4_app.py --model google/gemma-4-E2B-it [--port 7860] [--quantize 4]
+
+Opens on http://127.0.0.1:PORT. Streaming chat with multi-turn history that keeps the KV cache between turns
+(`generate.ChatSession`), image / audio attachments (upload, webcam, paste, microphone), sampling controls,
+a stop button, a model picker with load-time quantization, stats after every reply and, for the
+mixture-of-experts model (26B A4B), a plot of the experts each layer used for the reply.
+
+One model is loaded at a time and shared by every browser tab; requests are queued and run one at a time.
+Every failure (unreadable file, audio on a model without an audio encoder, out of memory, ...) is reported in the
+chat, and the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import mlx_gemma4  # noqa: E402,F401  (preloads the BLAS before mlx.core)
+import gradio as gr  # noqa: E402
+
+from mlx_gemma4.expert_trace import moe_layers, record_expert_choices  # noqa: E402
+
+MODEL_CHOICES = ["google/gemma-4-E2B-it", "google/gemma-4-E4B-it", "google/gemma-4-26B-A4B-it",
+                 "google/gemma-4-31B-it"]
+QUANTIZATION_CHOICES = ["none", "8", "4"]
+IMAGE_BUDGETS = [70, 140, 280, 560, 1120]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".webm", ".aac", ".opus"}
+
+
+# Image/audio/video marker tokens (<|image>, <|image|>, <image|>, ...). Text in a conversation with media (typed by
+# the user, or an earlier reply) must not contain them: the processor expands each one as a media slot.
+MEDIA_MARKER = re.compile(r"<\|?(?:image|audio|video)\|?>")
+
+
+class UserError(Exception):
+    """A problem to show the user in the chat (bad file, unsupported input, no model ...)."""
+
+
+# -- the shared model ----------------------------------------------------------------------------------------
+class ModelHost:
+    """The one loaded model, shared by every browser session. `lock` serializes all use of the model."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.model = None
+        self.processor = None
+        self.name = ""
+        self.quantize: int | None = None
+        self.generation = 0  # bumped on every load: conversations built on an older model drop their caches
+
+    def load(self, name: str, quantization: str = "none") -> str:
+        from mlx_gemma4 import load
+
+        name = (name or "").strip()
+        if not name:
+            raise UserError("enter a model id (e.g. google/gemma-4-E2B-it) or a local checkpoint directory")
+        if quantization not in QUANTIZATION_CHOICES:
+            raise UserError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
+        bits = None if quantization == "none" else int(quantization)
+        with self.lock:
+            try:
+                model, processor = load(name, quantize=bits)
+            except MemoryError as e:
+                raise UserError(f"out of memory loading {name}; try 4-bit quantization or a smaller model") from e
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"could not load {name}: {e}") from e
+            if processor is None:
+                raise UserError(f"{name} has no tokenizer.json, so it cannot be chatted with")
+            self.model, self.processor, self.name, self.quantize = model, processor, name, bits
+            self.generation += 1
+        return self.describe()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model is not None and bool(moe_layers(self.model))
+
+    def describe(self) -> str:
+        if self.model is None:
+            return "No model loaded."
+        cfg = self.model.config
+        bits = f"{self.quantize}-bit" if self.quantize else "unquantized"
+        parts = [f"**{self.name}**", bits, f"{cfg.text.num_hidden_layers} layers"]
+        if self.is_moe:
+            parts.append(f"MoE: top-{cfg.text.top_k_experts} of {cfg.text.num_experts} experts")
+        parts.append("vision encoder" if cfg.vision else "no vision encoder")
+        parts.append("audio encoder" if cfg.audio else "no audio encoder")
+        return " · ".join(parts)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def media_kind(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in AUDIO_SUFFIXES:
+        return "audio"
+    raise UserError(f"{Path(path).name}: unsupported file type {suffix or '(none)'}; attach an image "
+                    f"({', '.join(sorted(IMAGE_SUFFIXES))}) or audio ({', '.join(sorted(AUDIO_SUFFIXES))})")
+
+
+def check_image(path: str) -> None:
+    from mlx_gemma4.processing.image import load_image
+
+    try:
+        load_image(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise UserError(f"{Path(path).name} is not a readable image: {e}") from e
+
+
+def check_audio(path: str) -> None:
+    from mlx_gemma4.processing.audio import check_clip_length, load_audio
+
+    try:
+        check_clip_length(len(load_audio(path)))
+    except (ValueError, OSError) as e:  # AudioError is a ValueError
+        raise UserError(f"{Path(path).name} is not usable audio: {e}") from e
+
+
+def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> str | None:
+    """Why this model + build can't take these attachments (None when it can)."""
+    cfg = host.model.config
+    if images and not cfg.vision:
+        return f"{host.name} has no vision encoder, so it cannot look at images."
+    if audios and not cfg.audio:
+        return (f"{host.name} has no audio encoder, so it cannot listen to audio (in the Gemma 4 family only "
+                "E2B and E4B take audio).")
+    return None
+
+
+# -- conversations --------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    thinking: bool = False
+    image_budget: int = 280
+    system: str = ""
+
+    def __post_init__(self):
+        self.system = (self.system or "").strip()  # an untouched textbox sends None
+
+    def validate(self) -> None:
+        if int(self.max_tokens) < 1:
+            raise UserError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= float(self.temperature) <= 5.0:
+            raise UserError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if int(self.image_budget) not in IMAGE_BUDGETS:
+            raise UserError(f"image token budget must be one of {IMAGE_BUDGETS}, got {self.image_budget}")
+
+
+@dataclass
+class Turn:
+    text: str
+    images: list[str] = field(default_factory=list)
+    audios: list[str] = field(default_factory=list)
+    raw_reply: str = ""  # as generated (with any thought channel): what the KV cache holds
+    thinking: str = ""
+    answer: str = ""
+    error: str | None = None
+    stats: str = ""
+    generation_stats: object = None  # generate.GenerationStats of the reply
+
+
+class Conversation:
+    """One browser session's chat. The `ChatSession` (and its KV cache) is reused while the model, the system
+    prompt and the thinking switch stay the same and every turn finished; otherwise the next turn rebuilds it
+    from the finished turns (one full prefill) so the cache always matches the history."""
+
+    def __init__(self):
+        self.turns: list[Turn] = []
+        self.session = None
+        self.session_key: tuple | None = None
+        self.stop = threading.Event()
+
+    def session_for(self, host: ModelHost, settings: Settings):
+        from mlx_gemma4.generate import ChatSession
+
+        key = (host.generation, settings.system, bool(settings.thinking))
+        if self.session is None or self.session_key != key:
+            session = ChatSession(host.model, host.processor, system=settings.system or None,
+                                  enable_thinking=bool(settings.thinking))
+            for turn in self.turns:
+                if turn.error is None and turn.raw_reply:
+                    session.messages += [{"role": "user", "content": turn.text},
+                                         {"role": "assistant", "content": turn.raw_reply}]
+            self.session, self.session_key = session, key
+        return self.session
+
+    def drop_cache(self) -> None:
+        self.session = None
+
+    @property
+    def has_media(self) -> bool:
+        return any(t.images or t.audios for t in self.turns if t.error is None)
+
+    def media_stream(self, host: ModelHost, settings: Settings, **gen_kwargs):
+        """Stream the reply to the last turn of a conversation that holds images or audio: the whole conversation
+        with every earlier attachment is prefilled (no KV reuse), so later turns still see earlier media."""
+        from mlx_gemma4.generate import stream_generate
+
+        messages = [{"role": "system", "content": settings.system}] if settings.system else []
+        images, audios = [], []
+        *done, current = self.turns
+        for turn in [t for t in done if t.error is None and t.raw_reply] + [current]:
+            content = ([{"type": "image"} for _ in turn.images] + [{"type": "audio"} for _ in turn.audios]
+                       + [{"type": "text", "text": MEDIA_MARKER.sub("", turn.text)}])
+            messages.append({"role": "user", "content": content})
+            images += turn.images
+            audios += turn.audios
+            if turn is not current:
+                messages.append({"role": "assistant", "content": MEDIA_MARKER.sub("", turn.raw_reply)})
+        ids, media = host.processor.prompt_inputs(messages, enable_thinking=bool(settings.thinking), images=images,
+                                                  audio=audios, max_soft_tokens=int(settings.image_budget))
+        self.drop_cache()  # text turns after this one rebuild their session from the history
+        return stream_generate(host.model, host.processor, ids, media=media or None, **gen_kwargs)
+
+    def chatbot(self) -> list[dict]:
+        out: list[dict] = []
+        for turn in self.turns:
+            if turn.text:
+                out.append({"role": "user", "content": turn.text})
+            for path in turn.images + turn.audios:
+                out.append({"role": "user", "content": {"path": path}})
+            if turn.thinking:
+                out.append({"role": "assistant", "content": turn.thinking,
+                            "metadata": {"title": "Thinking", "status": "done"}})
+            if turn.answer:
+                out.append({"role": "assistant", "content": turn.answer})
+            if turn.error:
+                out.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
+        return out
+
+
+def expert_figure(trace, start: int, model_name: str):
+    """Heatmap: MoE layer x expert, how many reply tokens each expert served."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usage = trace.usage(start)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(trace.layers) + 1.2)))
+    im = ax.imshow(usage, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    step = max(1, len(trace.layers) // 12)
+    ax.set_yticks(range(0, len(trace.layers), step), [str(trace.layers[i]) for i in range(0, len(trace.layers), step)])
+    ax.set_title(f"{model_name}: experts used by the reply ({usage[0].sum() // trace.top_k} tokens, "
+                 f"top-{trace.top_k})", fontsize=10)
+    fig.colorbar(im, ax=ax, label="tokens routed")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """MLX reports a failed allocation as a RuntimeError (e.g. Metal's "[metal::malloc] ... buffer size")."""
+    text = str(error).lower()
+    return any(word in text for word in ("malloc", "out of memory", "allocat"))
+
+
+def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings) -> Iterator[tuple[str, object]]:
+    """Generate the reply to `turn` (already appended to conv.turns), updating it in place; yields
+    (stats markdown, expert figure or None) after every chunk."""
+    if host.model is None:
+        raise UserError("no model is loaded: pick one above and press Load")
+    settings.validate()
+    if not turn.text.strip() and not (turn.images or turn.audios):
+        raise UserError("empty message")
+    for path in turn.images:
+        check_image(path)
+    for path in turn.audios:
+        check_audio(path)
+    reason = unsupported_media(host, turn.images, turn.audios)
+    if reason:
+        raise UserError(reason)
+
+    gen_kwargs = dict(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
+                      top_p=float(settings.top_p))
+    conv.stop.clear()
+    finished = False
+    with host.lock:
+        if conv.has_media:
+            try:
+                stream = conv.media_stream(host, settings, **gen_kwargs)
+            except ValueError as e:  # e.g. a tokenizer without image/audio tokens
+                raise UserError(str(e)) from e
+        else:
+            stream = conv.session_for(host, settings).send(turn.text, **gen_kwargs)
+    trace_ctx = record_expert_choices(host.model) if host.is_moe else None
+    trace = trace_ctx.__enter__() if trace_ctx is not None else None
+    last = None
+    try:
+        while True:
+            if conv.stop.is_set():
+                turn.stats = "stopped by the user" + (f" · {last.stats.summary()}" if last else "")
+                break
+            with host.lock:
+                chunk = next(stream, None)
+            if chunk is None:
+                finished = True
+                break
+            last = chunk
+            turn.raw_reply += chunk.text
+            turn.thinking, turn.answer = host.processor.split_thinking(turn.raw_reply)
+            if not settings.thinking:
+                turn.thinking, turn.answer = "", turn.raw_reply.strip()
+            turn.stats, turn.generation_stats = chunk.stats.summary(), chunk.stats
+            yield turn.stats, None
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory during generation ({e}); try a shorter conversation (Clear), fewer max "
+                        "tokens, 4-bit quantization or a smaller model") from e
+    finally:
+        stream.close()
+        if trace_ctx is not None:
+            trace_ctx.__exit__(None, None, None)
+        if not finished:
+            conv.drop_cache()  # the cache holds a partial reply the session did not record
+    figure = None
+    if trace is not None and last is not None:
+        figure = expert_figure(trace, last.stats.prompt_tokens, Path(host.name).name)
+    yield turn.stats, figure
+
+
+# -- the UI ---------------------------------------------------------------------------------------------------
+def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int = 512) -> gr.Blocks:
+    with gr.Blocks(title="Gemma 4 on MLX") as demo:
+        gr.Markdown("## Gemma 4 on MLX")
+        with gr.Row():
+            model_box = gr.Dropdown(choices=[c for c in dict.fromkeys([host.name, *MODEL_CHOICES]) if c],
+                                    value=host.name or MODEL_CHOICES[0], allow_custom_value=True, scale=4,
+                                    label="Model (Hub id or local directory)", elem_id="model-picker")
+            quant_box = gr.Radio(QUANTIZATION_CHOICES, value=str(host.quantize or "none"), label="Quantization",
+                                 scale=2, elem_id="quantization")
+            load_btn = gr.Button("Load", scale=1, elem_id="load-model")
+        model_status = gr.Markdown(initial_status or host.describe(), elem_id="model-status")
+
+        conv_state = gr.State(Conversation)
+        chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat")
+        with gr.Row():
+            message = gr.MultimodalTextbox(placeholder="Type a message, attach images or audio, or record…",
+                                           file_types=["image", "audio"], file_count="multiple",
+                                           sources=["upload", "microphone"], show_label=False, scale=8,
+                                           elem_id="message")
+            stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
+        with gr.Accordion("Camera / paste an image", open=False):
+            camera = gr.Image(sources=["webcam", "clipboard", "upload"], type="filepath",
+                              label="Sent with your next message", elem_id="camera")
+        stats_box = gr.Markdown("", elem_id="stats")
+        with gr.Accordion("Experts used by the last reply", open=True, visible=host.is_moe) as experts_box:
+            expert_plot = gr.Plot(label="Tokens per expert and layer for the last reply", elem_id="experts")
+        with gr.Accordion("Settings", open=False):
+            system_box = gr.Textbox(label="System prompt", lines=2, elem_id="system")
+            with gr.Row():
+                max_tokens = gr.Slider(1, 8192, value=max_tokens_default, step=1, label="Max tokens",
+                                       elem_id="max-tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            with gr.Row():
+                thinking = gr.Checkbox(False, label="Thinking", elem_id="thinking")
+                budget = gr.Dropdown(IMAGE_BUDGETS, value=280, label="Image token budget")
+
+        settings_inputs = [max_tokens, temperature, top_p, thinking, budget, system_box]
+
+        def add_user_turn(msg, cam, conv: Conversation):
+            msg = msg or {}
+            files = [f if isinstance(f, str) else f.get("path") for f in (msg.get("files") or [])]
+            if cam:
+                files.append(cam)
+            images, audios, error = [], [], None
+            for path in files:
+                try:
+                    (images if media_kind(path) == "image" else audios).append(path)
+                except UserError as e:
+                    error = str(e)
+            turn = Turn(text=(msg.get("text") or "").strip(), images=images, audios=audios, error=error)
+            conv.turns.append(turn)
+            return conv.chatbot(), gr.MultimodalTextbox(value=None, interactive=False), None, conv
+
+        def bot_turn(conv: Conversation, *values):
+            turn = conv.turns[-1]
+            if turn.error:  # rejected at upload
+                yield conv.chatbot(), f"⚠️ {turn.error}", None
+                return
+            try:
+                for stats, figure in respond(host, conv, turn, Settings(*values)):
+                    yield conv.chatbot(), stats, figure
+            except UserError as e:
+                turn.error = str(e)
+                yield conv.chatbot(), f"⚠️ {e}", None
+            except Exception as e:  # keep serving whatever happens; show it
+                turn.error = f"generation failed: {type(e).__name__}: {e}"
+                yield conv.chatbot(), f"⚠️ {turn.error}", None
+
+        submitted = message.submit(add_user_turn, [message, camera, conv_state],
+                                   [chatbot, message, camera, conv_state], queue=False)
+        submitted.then(bot_turn, [conv_state, *settings_inputs], [chatbot, stats_box, expert_plot],
+                       concurrency_id="model").then(lambda: gr.MultimodalTextbox(interactive=True), None, [message])
+
+        def stop(conv: Conversation):
+            conv.stop.set()
+
+        stop_btn.click(stop, [conv_state], None, queue=False)
+
+        def clear(conv: Conversation):
+            conv.stop.set()
+            fresh = Conversation()
+            return [], "", None, fresh
+
+        clear_btn.click(clear, [conv_state], [chatbot, stats_box, expert_plot, conv_state], queue=False)
+
+        def load_model(name, quantization):
+            try:
+                status = host.load(name, quantization)
+            except UserError as e:
+                status = f"⚠️ {e}\n\n{host.describe()}"
+            return status, gr.Accordion(visible=host.is_moe), None
+
+        load_btn.click(load_model, [model_box, quant_box], [model_status, experts_box, expert_plot],
+                       concurrency_id="model")
+
+        # API endpoint for scripts (gradio_client): one message with attachments in, the streamed reply out.
+        with gr.Row(visible=False):
+            api_text = gr.Textbox(label="text")
+            api_files = gr.File(file_count="multiple", type="filepath", label="files")
+            api_reply = gr.Textbox(label="reply")
+            api_trigger = gr.Button("chat")
+
+        def api_chat(text, files, *values):
+            conv = Conversation()
+            images, audios = [], []
+            try:
+                for path in files or []:
+                    (images if media_kind(path) == "image" else audios).append(path)
+                turn = Turn(text=(text or "").strip(), images=images, audios=audios)
+                conv.turns.append(turn)
+                for _ in respond(host, conv, turn, Settings(*values)):
+                    yield turn.answer
+            except UserError as e:
+                yield f"⚠️ {e}"
+            except Exception as e:  # keep serving; report it
+                yield f"⚠️ generation failed: {type(e).__name__}: {e}"
+
+        api_trigger.click(api_chat, [api_text, api_files, *settings_inputs], [api_reply], api_name="chat",
+                          concurrency_id="model")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python apps/gemma4_app.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=MODEL_CHOICES[0], help="Hub repo id or local checkpoint directory")
+    p.add_argument("--quantize", choices=QUANTIZATION_CHOICES, default="none", help="quantize at load time")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens control")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
+    args = p.parse_args(argv)
+
+    host = ModelHost()
+    try:
+        status = host.load(args.model, args.quantize)
+    except UserError as e:  # start anyway: another model can be picked in the UI
+        status = f"⚠️ {e}"
+        print(f"warning: {e}", file=sys.stderr)
+        host.name = args.model
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    demo = build_app(host, status, args.max_tokens)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
