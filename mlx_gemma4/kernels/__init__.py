@@ -1,59 +1,127 @@
-"""Kernel dispatch (placeholder until the Metal kernels land): pure-MLX reference paths."""
+"""Custom kernels for Gemma 4's hot spots, with one dispatch point.
+
+    expert_glu(x, indices, weights, gate_up, down)        top-k expert GeGLU (26B A4B MoE)
+    windowed_attention(q, k, v, scale=, q_start=, k_start=, window=, block_ids=)
+
+Each call runs the Metal kernel when MLX has a Metal device and the pure-MLX path otherwise. The environment
+variable MLX_GEMMA4_KERNELS overrides the choice:
+    auto (default) | metal (error without Metal) | mlx | emulate (Metal bodies run by the msim emulator, tools/msim)
+`use_backend(name)` and `use_emulator(**msim_options)` do the same for a `with` block (tests use
+`use_emulator(check_order=True)` to run the exact Metal bodies on Linux with race checks).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
 
 import mlx.core as mx
-import mlx.nn as nn
+
+from ._metal import EmulatorRunner, MetalRunner
+from .gather_experts import ExpertBank, expert_glu_metal, expert_glu_mlx
+from .gather_experts import validate_inputs as _validate_experts
+from .sliding_attention import attention_plan, windowed_attention_metal, windowed_attention_mlx
+from .sliding_attention import validate_inputs as _validate_attention
+
+__all__ = ["ExpertBank", "expert_glu", "windowed_attention", "backend", "use_backend", "use_emulator",
+           "attention_plan"]
+
+BACKENDS = ("auto", "metal", "mlx", "emulate")
+ENV_VAR = "MLX_GEMMA4_KERNELS"
+
+_override: list = []  # stack of (backend name, runner or None)
+_metal_runner: MetalRunner | None = None
+_env_emulator: EmulatorRunner | None = None
 
 
-def attention_mask(q_len: int, k_len: int, q_start: int, k_start: int, window: int | None,
-                   block_ids: mx.array | None = None) -> mx.array:
-    """Boolean (q_len, k_len) visibility: (causal or same image block) and inside the window."""
-    qpos = mx.arange(q_start, q_start + q_len)[:, None]
-    kpos = mx.arange(k_start, k_start + k_len)[None, :]
-    visible = kpos <= qpos
-    if block_ids is not None:
-        qb = block_ids[q_start - k_start : q_start - k_start + q_len][:, None]
-        kb = block_ids[None, :]
-        visible = visible | ((qb == kb) & (qb >= 0))
-    if window is not None:
-        visible = visible & (qpos - kpos < window)
-    return visible
+def _metal_available() -> bool:
+    return bool(mx.metal.is_available())
 
 
-def windowed_attention(q, k, v, *, scale: float, q_start: int, k_start: int, window: int | None,
-                       block_ids: mx.array | None = None) -> mx.array:
-    L, S = q.shape[2], k.shape[2]
-    mask = attention_mask(L, S, q_start, k_start, window, block_ids)
-    if L == 1 and window is None and block_ids is None:
-        mask = None
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+def _resolve():
+    """-> (backend name, runner): 'metal' or 'emulate' with a runner, or ('mlx', None)."""
+    global _metal_runner, _env_emulator
+    if _override:
+        name, runner = _override[-1]
+    else:
+        name, runner = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", None
+        if name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "metal" if _metal_available() else "mlx"
+    if name == "mlx":
+        return name, None
+    if name == "metal":
+        if not _metal_available():
+            raise RuntimeError(f"Metal kernels requested ({ENV_VAR}=metal or use_backend('metal')) but MLX has no "
+                               "Metal device here; use 'auto', 'mlx' or 'emulate'")
+        if runner is None:
+            _metal_runner = _metal_runner or MetalRunner()
+            runner = _metal_runner
+        return name, runner
+    if runner is None:  # emulate, from the environment
+        _env_emulator = _env_emulator or EmulatorRunner()
+        runner = _env_emulator
+    return name, runner
 
 
-@dataclass
-class ExpertBank:
-    """One stacked expert matrix in HF layout (E, out, in); packed uint32 + scales/biases when quantized."""
-
-    weight: mx.array
-    scales: mx.array | None = None
-    biases: mx.array | None = None
-    bits: int | None = None
-    group_size: int | None = None
-
-    def dense(self) -> mx.array:
-        if self.scales is None:
-            return self.weight
-        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+def backend() -> str:
+    """The backend the next kernel call will use: 'metal', 'mlx' or 'emulate'."""
+    return _resolve()[0]
 
 
-def expert_glu(x, indices, weights, gate_up: ExpertBank, down: ExpertBank):
-    """out[t] = sum_k w[t,k] * down[e] @ (gelu_tanh(gate[e] x) * up[e] x), e = indices[t,k]."""
-    gu = mx.take(gate_up.dense(), indices, axis=0)  # (T, K, 2I, H)
-    h = (gu @ x[:, None, :, None]).squeeze(-1)  # (T, K, 2I)
-    inter = h.shape[-1] // 2
-    a = nn.gelu_approx(h[..., :inter]) * h[..., inter:]
-    d = mx.take(down.dense(), indices, axis=0)  # (T, K, H, I)
-    y = (d @ a[..., None]).squeeze(-1)  # (T, K, H)
-    return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend ('auto', 'metal', 'mlx', 'emulate') inside a `with` block."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _override.append((name, None))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+@contextlib.contextmanager
+def use_emulator(**msim_options):
+    """Route the Metal path through msim's `metal_kernel` (options: check_order, guard, poison, ...)."""
+    runner = EmulatorRunner(dict(msim_options))
+    _override.append(("emulate", runner))
+    try:
+        yield runner
+    finally:
+        _override.pop()
+
+
+def expert_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_up: ExpertBank,
+               down: ExpertBank) -> mx.array:
+    """out[t] = sum_k weights[t,k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t])), e = indices[t,k].
+
+    x (T, H); indices (T, K) int32 expert ids; weights (T, K) routing weights. gate_up is (E, 2I, H) with gate
+    rows [:I] and up rows [I:], down is (E, H, I), both plain float or MLX affine-quantized, read in place.
+    Returns (T, H) in x's dtype."""
+    _validate_experts(x, indices, weights, gate_up, down)
+    name, runner = _resolve()
+    if x.shape[0] == 0:
+        return mx.zeros(x.shape, x.dtype)
+    if name == "mlx":
+        return expert_glu_mlx(x, indices, weights, gate_up, down)
+    return expert_glu_metal(runner, x, indices, weights, gate_up, down)
+
+
+def windowed_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, q_start: int, k_start: int,
+                       window: int | None, block_ids: mx.array | None = None) -> mx.array:
+    """Attention of q (B, Hq, L, D) over k, v (B, Hkv, S, D) with causal + sliding-window + image-block mask.
+
+    Query i has position q_start + i, key j has position k_start + j. Key j is visible to query i iff
+    (kpos <= qpos or both are in the same image block) and (window is None or qpos - kpos < window).
+    block_ids: optional int32 (S,) image-block id per key position (-1 = text). Returns (B, Hq, L, D) in q's
+    dtype; softmax in float32."""
+    _validate_attention(q, k, v, scale, q_start, k_start, window, block_ids)
+    name, runner = _resolve()
+    if q.size == 0:
+        return mx.zeros(q.shape, q.dtype)
+    kw = dict(scale=scale, q_start=q_start, k_start=k_start, window=window, block_ids=block_ids)
+    if name == "mlx":
+        return windowed_attention_mlx(q, k, v, **kw)
+    return windowed_attention_metal(runner, q, k, v, **kw)
