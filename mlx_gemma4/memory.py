@@ -41,6 +41,9 @@ SAFETENSORS_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "I32": 4, "U
 # Configs
 
 
+from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL  # noqa: E402
+
+
 def load_preset(variant: str) -> dict:
     """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b)."""
     if variant not in VARIANTS:
@@ -336,19 +339,23 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, qua
     P, L = int(text.get("hidden_size_per_layer_input") or 0), text["num_hidden_layers"]
     worst_attention = worst_mlp = 0
     for g in layer_geometry(text):
-        keys = context if not g.sliding else min(context, window + C - 1)
+        # kernels.windowed_attention's MLX path: query blocks of BQ rows, each against only the keys its
+        # window reaches (sliding) or everything before it (global). MLX evaluates the chunk's blocks as one
+        # graph, so every block's float32 scores can be alive at once (measured).
+        bq = min(C, MLX_BLOCK_Q if g.sliding else MLX_BLOCK_Q_GLOBAL)
+        keys = min(context, window + bq - 1) if g.sliding else context
         qkv = C * (nh + 2 * g.kv_heads) * g.head_dim * dtype_bytes
-        # float32 scores; mx.fast.scaled_dot_product_attention with a mask on the CPU backend keeps about
-        # 1.25 copies alive at its peak (measured, tests/test_memory_measured.py)
+        # mx.fast.scaled_dot_product_attention with a mask on the CPU backend keeps about 1.25 copies of the
+        # scores alive at its peak (measured, tests/test_memory_measured.py)
         scores = int(1.25 * nh * C * keys * 4)
         worst_attention = max(worst_attention, qkv + scores + C * nh * g.head_dim * dtype_bytes)
         mlp = 3 * C * g.mlp_intermediate * dtype_bytes
         if text.get("enable_moe_block"):
-            # kernels.expert_glu's MLX reference path gathers each token's k expert matrices, (C, k, 2I, H) and
-            # (C, k, H, I), and dequantizes a quantized bank whole first; a fused gather kernel removes both
+            # kernels.expert_glu's MLX path (gather_mm / gather_qmm over the bank in place): per (token, expert)
+            # pair the input row, gate/up, GLU and down outputs, plus the router's float32 scores
             k, E, Im = text["top_k_experts"], text["num_experts"], text["moe_intermediate_size"]
-            mlp += C * k * 3 * Im * H * dtype_bytes + 3 * C * k * Im * dtype_bytes + 2 * C * E * 4
-            if quantized:
+            mlp += C * k * (2 * H + 3 * Im) * dtype_bytes + 2 * C * E * 4
+            if quantized:  # MLX's CPU gather_qmm expands the bank's weights to float (measured)
                 mlp += E * 3 * Im * H * dtype_bytes
         worst_mlp = max(worst_mlp, mlp)
     residual = 3 * C * H * dtype_bytes
