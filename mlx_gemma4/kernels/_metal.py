@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,10 +25,10 @@ class KernelSpec:
     header: str = ""
 
 
-class MetalRunner:
-    """Compiles specs with `mx.fast.metal_kernel` (needs a Metal device)."""
+class _Runner:
+    """Builds each kernel spec once and caches it by name; subclasses say how to build (`_build`)."""
 
-    name = "metal"
+    name = ""
 
     def __init__(self):
         self._cache: dict[str, object] = {}
@@ -40,10 +40,21 @@ class MetalRunner:
 
     def kernel(self, spec: KernelSpec):
         if spec.name not in self._cache:
-            self._cache[spec.name] = mx.fast.metal_kernel(
-                name=spec.name, input_names=list(spec.input_names), output_names=list(spec.output_names),
-                source=spec.source, header=spec.header)
+            self._cache[spec.name] = self._build(spec)
         return self._cache[spec.name]
+
+    def _build(self, spec: KernelSpec):
+        raise NotImplementedError
+
+
+class MetalRunner(_Runner):
+    """Compiles specs with `mx.fast.metal_kernel` (needs a Metal device)."""
+
+    name = "metal"
+
+    def _build(self, spec: KernelSpec):
+        return mx.fast.metal_kernel(name=spec.name, input_names=list(spec.input_names),
+                                    output_names=list(spec.output_names), source=spec.source, header=spec.header)
 
 
 def _import_msim():
@@ -59,26 +70,17 @@ def _import_msim():
     return msim
 
 
-@dataclass
-class EmulatorRunner:
+class EmulatorRunner(_Runner):
     """Runs specs under msim. `options` are msim call options (check_order, guard, poison, ...)."""
 
-    options: dict = field(default_factory=dict)
-    name: str = "emulate"
+    name = "emulate"
 
-    def __post_init__(self):
+    def __init__(self, options: dict | None = None):
+        super().__init__()
+        self.options = dict(options or {})
         self._msim = _import_msim()
-        self._cache: dict[str, object] = {}
 
-    @property
-    def compiled(self) -> set[str]:
-        """Names of the kernel specs this runner has built."""
-        return set(self._cache)
-
-    def kernel(self, spec: KernelSpec):
-        if spec.name not in self._cache:
-            k = self._msim.metal_kernel(name=spec.name, input_names=list(spec.input_names),
-                                        output_names=list(spec.output_names), source=spec.source,
-                                        header=spec.header)
-            self._cache[spec.name] = functools.partial(k, **self.options) if self.options else k
-        return self._cache[spec.name]
+    def _build(self, spec: KernelSpec):
+        k = self._msim.metal_kernel(name=spec.name, input_names=list(spec.input_names),
+                                    output_names=list(spec.output_names), source=spec.source, header=spec.header)
+        return functools.partial(k, **self.options) if self.options else k
