@@ -155,6 +155,21 @@ def _check_unknown(d: dict, known: set[str]) -> None:
         raise ConfigError(f"unsupported config fields: {bad}")
 
 
+def _shared_fields(d: dict) -> dict:
+    """TextConfig fields that Gemma 4 and Gemma 3 configs spell and mean the same way."""
+    return dict(
+        vocab_size=_require(d, "vocab_size"),
+        hidden_size=_require(d, "hidden_size"),
+        intermediate_size=_require(d, "intermediate_size"),
+        sliding_window=_require(d, "sliding_window"),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        final_logit_softcapping=d.get("final_logit_softcapping"),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        pad_token_id=int(d.get("pad_token_id") or 0),
+    )
+
+
 _GEMMA4_KEYS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads", "per_layer_config",
@@ -238,20 +253,13 @@ def _parse_gemma4(d: dict) -> TextConfig:
 
     cfg = TextConfig(
         model_type="gemma4_text",
-        vocab_size=_require(d, "vocab_size"),
-        hidden_size=_require(d, "hidden_size"),
-        intermediate_size=_require(d, "intermediate_size"),
+        **_shared_fields(d),
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         layer_types=layer_types,
         layer_head_dims=head_dims,
         layer_kv_heads=kv,
         rope=rope,
-        sliding_window=_require(d, "sliding_window"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        final_logit_softcapping=d.get("final_logit_softcapping"),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        attention_bias=bool(d.get("attention_bias", False)),
         attention_k_eq_v=k_eq_v,
         num_kv_shared_layers=n_shared,
         use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
@@ -262,7 +270,6 @@ def _parse_gemma4(d: dict) -> TextConfig:
         top_k_experts=int(d.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(d.get("moe_intermediate_size") or d.get("expert_intermediate_size") or 0) if moe else 0,
         use_bidirectional_attention=bidir,
-        pad_token_id=int(d.get("pad_token_id") or 0),
         max_position_embeddings=int(d.get("max_position_embeddings") or 131072),
     )
     for i in range(n_layers):
@@ -307,21 +314,13 @@ def _parse_gemma3(d: dict) -> TextConfig:
                 SLIDING: _rope_entry({"rope_theta": d.get("rope_local_base_freq", 10000.0)}, "rope_local_base_freq")}
     return TextConfig(
         model_type="gemma3_text",
-        vocab_size=_require(d, "vocab_size"),
-        hidden_size=_require(d, "hidden_size"),
-        intermediate_size=_require(d, "intermediate_size"),
+        **_shared_fields(d),
         num_hidden_layers=n_layers,
         num_attention_heads=_require(d, "num_attention_heads"),
         layer_types=layer_types,
         layer_head_dims=[head_dim] * n_layers,
         layer_kv_heads=[kv] * n_layers,
         rope=rope,
-        sliding_window=_require(d, "sliding_window"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        final_logit_softcapping=d.get("final_logit_softcapping"),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        attention_bias=bool(d.get("attention_bias", False)),
-        pad_token_id=int(d.get("pad_token_id") or 0),
         max_position_embeddings=int(d.get("max_position_embeddings") or 32768),
         norm_offset=1.0,
         attention_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5,
