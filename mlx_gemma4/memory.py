@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
 GROUP_SIZE = 64
@@ -39,9 +41,6 @@ SAFETENSORS_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "I32": 4, "U
 
 # --------------------------------------------------------------------------------------------------------------
 # Configs
-
-
-from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL  # noqa: E402
 
 
 def load_preset(variant: str) -> dict:
