@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from . import backend
 from .config import ModelConfig, load_config
 from .model import Gemma4
+from .quantized import use_fast_linears
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -219,6 +220,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
         return _quantizable(module, gs) and {"group_size": gs, "bits": bits}
 
     nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
+    use_fast_linears(model)
 
 
 # ---- entry point --------------------------------------------------------------------------------

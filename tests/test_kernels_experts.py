@@ -105,21 +105,31 @@ def test_expert_glu_metal_and_mlx_match_float64(case):
     assert diff < 2 * TOL[dtype]
 
 
-def test_mlx_sorted_and_unsorted_paths_agree():
-    """Above SORT_MIN_PAIRS pairs the MLX path sorts by expert; both orderings must give the same result."""
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_mlx_paths_agree(bits):
+    """The MLX-ops implementations (gathered matmuls unsorted and sorted by expert, per-expert segments) give the
+    reference result, and the dispatcher takes the segments on the CPU from SORT_MIN_PAIRS pairs on."""
     rng = np.random.default_rng(3)
-    E, H, I, K = 16, 32, 16, 8
-    gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, None, None)
-    down, dn64 = make_bank(rng, (E, H, I), mx.float32, None, None)
+    E, H, I, K = 16, 64, 32, 8
+    gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, bits, 32 if bits else None)
+    down, dn64 = make_bank(rng, (E, H, I), mx.float32, bits, 32 if bits else None)
     T = ge.SORT_MIN_PAIRS // K + 3
     x = mx.array(rng.standard_normal((T, H)).astype(np.float32))
     idx, w = make_routing(rng, T, K, E)
-    with use_backend("mlx"):
-        full = expert_glu(x, idx, w, gate_up, down)  # sorted
-        rows = mx.concatenate([expert_glu(x[t:t + 1], idx[t:t + 1], w[t:t + 1], gate_up, down) for t in range(T)])
+    idx = mx.where(idx == 5, 6, idx)  # expert 5 gets no token at all
     ref = reference(np.array(x, np.float64), np.array(idx), np.array(w, np.float64), gu64, dn64)
-    np.testing.assert_allclose(np.array(full), ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.array(full), np.array(rows), rtol=1e-5, atol=1e-6)
+    outs = {
+        "unsorted": ge.expert_glu_gathered(x, idx, w, gate_up, down, sort=False),
+        "sorted": ge.expert_glu_gathered(x, idx, w, gate_up, down, sort=True),
+        "segments": ge.expert_glu_segments(x, idx, w, gate_up, down),
+        "rows": mx.concatenate([ge.expert_glu_mlx(x[t:t + 1], idx[t:t + 1], w[t:t + 1], gate_up, down)
+                                for t in range(T)]),
+    }
+    for name, out in outs.items():
+        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-5, err_msg=name)
+    with use_backend("mlx"):
+        dispatched = expert_glu(x, idx, w, gate_up, down)
+    assert mx.array_equal(dispatched, outs["segments"])
 
 
 def test_matches_transformers_experts_module():
