@@ -11,7 +11,8 @@ mlx-gemma4 also reads its own MLX layout) in its own process, `--repeat` times. 
                first token (= time to first token); a context is skipped, and the table says so, when the
                time predicted from the previous context exceeds --budget-s
   decode       tokens/s of greedy one-token steps after the shortest and after the longest prompt
-  memory       MLX's peak memory counter per context, and the process's max RSS
+  memory       MLX's peak memory counter per context, and the process's max RSS; for mlx-gemma4 also the
+               memory planner's estimate (mlx_gemma4.memory) for the same context and chunk, as a ratio to the peak
 
 Reported: the min and the median over the repeats (throughputs from the min and the median time), as a
 markdown table on stdout and as JSON (--json). Peers:
@@ -54,7 +55,16 @@ class MlxGemma4:
         import mlx.core as mx
 
         self.mx = mx
+        self.path = path
         self.model, _ = load(str(path))
+
+    def planner_bytes(self, context: int, chunk: int) -> int:
+        """mlx_gemma4.memory's estimate of the peak for this run (weights, KV cache, activations)."""
+        from mlx_gemma4 import memory
+
+        config = json.loads((self.path / "config.json").read_text())
+        dtype = str(self.model.dtype).replace("mlx.core.", "")
+        return memory.estimate(config, context, dtype=dtype, chunk=chunk).total
 
     def new_cache(self):
         return self.model.make_cache()
@@ -198,6 +208,8 @@ def run_worker(name: str, path: Path, contexts: list[int], budget_s: float, chun
         token = system.prefill(tokens, cache, chunk)  # up to the first token: prefill time == time to first token
         seconds = time.perf_counter() - t
         entry = {"prefill_s": seconds, "ttft_s": seconds, "peak_mlx_bytes": _peak_mlx()}
+        if hasattr(system, "planner_bytes"):
+            entry["planner_bytes"] = system.planner_bytes(context, chunk)
         last = (context, seconds)
         measured.append(context)
         # decode after every measured prompt; the table shows the shortest and the longest
@@ -276,6 +288,8 @@ def aggregate(runs: list[dict]) -> dict:
                "prefill_tok_s": {"max": c / prefill["min"], "median": c / prefill["median"]}}
         if entries[0].get("peak_mlx_bytes") is not None:
             row["peak_mlx_bytes"] = _stats([e["peak_mlx_bytes"] for e in entries])
+        if "planner_bytes" in entries[0]:
+            row["planner_bytes"] = entries[0]["planner_bytes"]
         if "decode_s" in entries[0]:
             d = _stats([e["decode_s"] for e in entries])
             n = entries[0]["decode_tokens"]
@@ -336,6 +350,10 @@ def markdown(results: dict, contexts: list[int]) -> str:
         row(f"MLX peak GiB @ {c}", guard(
             lambda r, c=c: _fmt_pair(ctx(r, c)["peak_mlx_bytes"]["min"] / 2**30,
                                      ctx(r, c)["peak_mlx_bytes"]["median"] / 2**30, 2)))
+    for c in contexts:
+        row(f"planner GiB @ {c} (/ MLX peak)", guard(
+            lambda r, c=c: f"{ctx(r, c)['planner_bytes'] / 2**30:.2f} "
+                           f"({ctx(r, c)['planner_bytes'] / ctx(r, c)['peak_mlx_bytes']['median']:.2f}x)"))
     row("max RSS GiB", guard(lambda r: _fmt_pair(r["max_rss_bytes"]["min"] / 2**30,
                                                   r["max_rss_bytes"]["median"] / 2**30, 2)))
     return "\n".join(lines)

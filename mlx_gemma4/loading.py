@@ -239,15 +239,20 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        dtype: mx.Dtype | str | None = None, quantize: int | None = None, group_size: int = 64,
                        recipe: str = "uniform", lazy: bool = False) -> Gemma4:
-    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized."""
+    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
+
+    Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
+    as its cast copy exists, so loading never holds the checkpoint twice."""
     model = build_model(config)
     weights = sanitize(hf_weights, model)
+    hf_weights.clear()
     if config.quantization:
         apply_quantization(model, config.quantization)
     target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
     check_weights(model, weights)
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
+    del weights
     if quantize:
         if config.quantization:
             raise ValueError(f"{path} is already quantized ({config.quantization}); quantize=None to load it")

@@ -350,12 +350,13 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, qua
         worst_attention = max(worst_attention, qkv + scores + C * nh * g.head_dim * dtype_bytes)
         mlp = 3 * C * g.mlp_intermediate * dtype_bytes
         if text.get("enable_moe_block"):
-            # kernels.expert_glu's MLX path (gather_mm / gather_qmm over the bank in place): per (token, expert)
-            # pair the input row, gate/up, GLU and down outputs, plus the router's float32 scores
+            # kernels.expert_glu_segments (the CPU prefill path), measured: about four float32 copies of the
+            # (token, expert) pairs' rows alive at once (gathered inputs, per-expert outputs, their concatenation
+            # and its return to token order), half of the pairs' gate/up/GLU rows, the router's float32 scores
             k, E, Im = text["top_k_experts"], text["num_experts"], text["moe_intermediate_size"]
-            mlp += C * k * (2 * H + 3 * Im) * dtype_bytes + 2 * C * E * 4
-            if quantized:  # MLX's CPU gather_qmm expands the bank's weights to float (measured)
-                mlp += E * 3 * Im * H * dtype_bytes
+            mlp += 4 * C * k * H * 4 + C * k * 3 * Im * 4 // 2 + 2 * C * E * 4
+            if quantized:  # experts' weights are unpacked to float32 one expert at a time (two alive, measured)
+                mlp += 2 * 3 * Im * H * 4
         worst_mlp = max(worst_mlp, mlp)
     residual = 3 * C * H * dtype_bytes
     ple = 2 * C * L * P * dtype_bytes

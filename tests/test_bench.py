@@ -50,3 +50,11 @@ def test_argument_errors(tmp_path):
         bench.main(["--model", str(tmp_path), "--contexts", "512,lots"])
     with pytest.raises(SystemExit, match="nothing to run"):
         bench.main(["--model", str(tmp_path), "--peers", "none", "--skip-ours"])
+
+
+def test_planner_estimate_is_shown_against_the_measured_peak():
+    ours = _run(1.0, 4.0, 1.0)
+    ours["contexts"]["512"]["planner_bytes"] = int(1.05 * 2**30)
+    table = bench.markdown({"mlx-gemma4": bench.aggregate([ours]), "mlx-lm": bench.aggregate([_run(1.0, 4.0, 1.0)])},
+                           [512])
+    assert "| planner GiB @ 512 (/ MLX peak) | 1.05 (1.05x) | – |" in table

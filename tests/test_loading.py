@@ -148,3 +148,29 @@ def test_prompt_longer_than_the_context_is_a_clear_error(text_checkpoint):
     model(mx.zeros((1, limit - 2), mx.int32), cache=cache, last_only=True)
     with pytest.raises(ValueError, match="context too long"):
         model(mx.zeros((1, 3), mx.int32), cache=cache)
+
+
+def test_loading_does_not_hold_the_checkpoint_twice(tmp_path):
+    """bf16 weights cast to float32 at load: the process's peak RSS grows by about the float32 model, not by the
+    float32 model plus the stored bf16 tensors (each stored tensor is freed once its cast copy exists)."""
+    import subprocess
+    import sys
+
+    from mlx_gemma4 import memory, synth
+
+    config = synth.shrink_config(memory.load_preset("e2b"), layers=2, vocab=65536)
+    synth.write_checkpoint(config, tmp_path, fmt="hf")
+    stored = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    probe = (
+        "import resource, sys\n"
+        "import mlx_gemma4, mlx.core as mx\n"
+        "from mlx_gemma4.loading import load\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "before = rss()\n"
+        "model, _ = load(sys.argv[1], dtype='float32')\n"
+        "print(rss() - before, mx.get_active_memory())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True)
+    grown, resident = map(int, out.stdout.split())
+    assert resident > 1.9 * stored  # the float32 model really is resident
+    assert grown < resident + 0.4 * stored, f"peak RSS grew {grown / 2**20:.0f} MiB for a {resident / 2**20:.0f} MiB model"
