@@ -98,50 +98,18 @@ def resolve_dtype(dtype=None, quantized: bool = False):
     return getattr(mx, name)
 
 
-# ---- compute path policy: measurements and the quantized-weights decision -----------------------
+# ---- compute path policy ----------------------------------------------------------------------
 #
-# Measured with benchmarks/backend.py on MLX's CPU backend, OpenBLAS preloaded, 2 shared cores (table and date in
-# benchmarks/RESULTS.md), E2B's 1536 -> 6144 projection:
-#   prefill 512x1536x6144: float32 matmul ~25 GFLOP/s; bf16 ~1.2, fp16 ~0.5 (MLX's own loops, no BLAS);
-#     quantized_matmul 4-bit ~0.6 with float32 activations/scales, ~0.06 with bf16 (10x slower again)
-#   decode 1x1536x6144: 4-bit quantized_matmul with float32 scales is the fastest (memory bound, 1/8 of the
-#     bytes), bf16 quantized_matmul ~9x slower than that
-# Hence on CPU: compute in float32 (resolve_dtype), keep quantized weights quantized with their scales/biases in
-# float32 (the loader casts every float tensor to the compute dtype), and expand them to dense float32 only when
-# prefill speed matters more than memory and the dense copy fits (should_dequantize). On Metal the quantized
-# kernels and bf16 are the fast path.
-
-
-def available_memory_bytes() -> int | None:
-    """Memory the OS can still give this process (MemAvailable on Linux, physical memory on macOS)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def should_dequantize(dense_bytes: int, dtype=None, *, available: int | None = None, headroom: float = 0.8) -> bool:
-    """Expand quantized matmul weights to dense `dtype` at load?
-
-    Only on the CPU backend computing in float32 (where BLAS sgemm beats quantized_matmul ~40x at prefill), and
-    only when the dense weights (`dense_bytes`) fit in `headroom` of the available memory.
-    MLX_GEMMA4_DEQUANTIZE=0/1 forces the answer."""
-    import mlx.core as mx
-
-    forced = os.environ.get("MLX_GEMMA4_DEQUANTIZE")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if mx.default_device() == mx.gpu or resolve_dtype(dtype, quantized=True) != mx.float32:
-        return False
-    available = available_memory_bytes() if available is None else available
-    return available is not None and dense_bytes <= headroom * available
+# Measured with benchmarks/backend.py on MLX's CPU backend, OpenBLAS preloaded, 2 cores (tables and dates in
+# benchmarks/RESULTS.md section 1):
+#   prefill-shaped products: float32 matmul (BLAS sgemm) is 10x+ faster than bf16/fp16 (MLX's own loops) and
+#     ~50x faster than quantized_matmul, which runs at ~1.5-2 GFLOP/s whatever the row count
+#   decode-shaped (one row): memory-bound; quantized_matmul with float32 scales is in the same range as a float32
+#     gemv on 1/8 of the bytes, bf16 quantized_matmul ~9x slower
+# Hence on CPU: compute in float32 (resolve_dtype); quantized weights stay packed, with float32 scales/biases (the
+# loader casts every float tensor to the compute dtype); products with 8+ rows unpack the weight and use sgemm,
+# one-row products stay quantized (mlx_gemma4.quantized, MLX_GEMMA4_UNPACK_ROWS overrides). On Metal bf16 and
+# the quantized kernels.
 
 
 def describe_policy(dtype=None) -> str:

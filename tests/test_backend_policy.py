@@ -9,7 +9,6 @@ from mlx_gemma4 import backend
 import mlx.core as mx
 
 ON_CPU = mx.default_device() == mx.cpu
-GiB = 1024**3
 
 
 def test_cpu_backend_computes_in_float32(monkeypatch):
@@ -26,20 +25,3 @@ def test_env_and_argument_override(monkeypatch):
     monkeypatch.setenv("MLX_GEMMA4_DTYPE", "int4")
     with pytest.raises(ValueError, match="int4"):
         backend.resolve_dtype()
-
-
-def test_dequantize_only_on_cpu_float32_and_when_it_fits(monkeypatch):
-    monkeypatch.delenv("MLX_GEMMA4_DEQUANTIZE", raising=False)
-    monkeypatch.delenv("MLX_GEMMA4_DTYPE", raising=False)
-    assert backend.should_dequantize(4 * GiB, available=16 * GiB) is ON_CPU
-    assert backend.should_dequantize(15 * GiB, available=16 * GiB) is False  # over 80% of free memory
-    assert backend.should_dequantize(1 * GiB, "bfloat16", available=16 * GiB) is False
-    monkeypatch.setenv("MLX_GEMMA4_DEQUANTIZE", "1")
-    assert backend.should_dequantize(15 * GiB, "bfloat16", available=16 * GiB) is True
-    monkeypatch.setenv("MLX_GEMMA4_DEQUANTIZE", "0")
-    assert backend.should_dequantize(1, available=16 * GiB) is False
-
-
-def test_available_memory_is_reported():
-    available = backend.available_memory_bytes()
-    assert available is not None and available > 0
