@@ -17,6 +17,7 @@ mlx-gemma4 also reads its own MLX layout) in its own process, `--repeat` times. 
 Reported: the min and the median over the repeats (throughputs from the min and the median time), as a
 markdown table on stdout and as JSON (--json). Peers:
 
+  mlx-gemma4-bf16w  ours with weights_dtype="bfloat16": float32 compute, weights stored in bf16 (half the memory)
   mlx-lm         mlx_lm.utils.load_model, computing in the checkpoint dtype (bf16), its own caches
   mlx-lm-fp32    the same with the weights cast to float32 (MLX's fast path on the CPU backend)
   transformers   Gemma4ForConditionalGeneration in float32 on CPU (slow: use small contexts)
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("mlx-gemma4", "mlx-lm", "mlx-lm-fp32", "transformers")
+SYSTEMS = ("mlx-gemma4", "mlx-gemma4-bf16w", "mlx-lm", "mlx-lm-fp32", "transformers")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -46,9 +47,10 @@ SYSTEMS = ("mlx-gemma4", "mlx-lm", "mlx-lm-fp32", "transformers")
 
 
 class MlxGemma4:
-    """Our model, loaded by mlx_gemma4.loading.load with the backend's compute dtype policy."""
+    """Our model, loaded by mlx_gemma4.loading.load with the backend's compute dtype policy (and optionally its
+    float weights stored in a narrower dtype, e.g. bfloat16 under float32 compute)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, weights_dtype: str | None = None):
         import mlx_gemma4  # noqa: F401  (optimized BLAS before mlx.core)
         from mlx_gemma4.loading import load
 
@@ -56,7 +58,7 @@ class MlxGemma4:
 
         self.mx = mx
         self.path = path
-        self.model, _ = load(str(path))
+        self.model, _ = load(str(path), weights_dtype=weights_dtype)
 
     def planner_bytes(self, context: int, chunk: int) -> int:
         """mlx_gemma4.memory's estimate of the peak for this run (weights, KV cache, activations)."""
@@ -151,6 +153,8 @@ class Transformers:
 def _make_system(name: str, path: Path):
     if name == "mlx-gemma4":
         return MlxGemma4(path)
+    if name == "mlx-gemma4-bf16w":
+        return MlxGemma4(path, weights_dtype="bfloat16")
     if name == "mlx-lm":
         return MlxLm(path)
     if name == "mlx-lm-fp32":

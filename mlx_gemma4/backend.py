@@ -98,6 +98,24 @@ def resolve_dtype(dtype=None, quantized: bool = False):
     return getattr(mx, name)
 
 
+def resolve_weights_dtype(weights_dtype=None, compute_dtype=None):
+    """The dtype float weight matrices are stored in: an explicit one, else MLX_GEMMA4_WEIGHTS_DTYPE, else the
+    compute dtype. A narrower one (bfloat16 under float32 compute) halves the weights' memory; products then
+    upcast per call (mlx_gemma4.compact)."""
+    import mlx.core as mx
+
+    compute = resolve_dtype(compute_dtype)
+    choice = weights_dtype if weights_dtype is not None else os.environ.get("MLX_GEMMA4_WEIGHTS_DTYPE")
+    if choice is None:
+        return compute
+    stored = choice if isinstance(choice, mx.Dtype) else getattr(mx, _DTYPES.get(str(choice).lower(), ""), None)
+    if stored is None:
+        raise ValueError(f"unsupported weights dtype {choice!r} (use float32, bfloat16 or float16)")
+    if stored.size > compute.size:
+        raise ValueError(f"weights dtype {stored} is wider than the compute dtype {compute}")
+    return stored
+
+
 # ---- compute path policy ----------------------------------------------------------------------
 #
 # Measured with benchmarks/backend.py on MLX's CPU backend, OpenBLAS preloaded, 2 cores (tables and dates in
@@ -108,7 +126,7 @@ def resolve_dtype(dtype=None, quantized: bool = False):
 #     gemv on 1/8 of the bytes, bf16 quantized_matmul ~9x slower
 # Hence on CPU: compute in float32 (resolve_dtype); quantized weights stay packed, with float32 scales/biases (the
 # loader casts every float tensor to the compute dtype); products with 8+ rows unpack the weight and use sgemm,
-# one-row products stay quantized (mlx_gemma4.quantized, MLX_GEMMA4_UNPACK_ROWS overrides). On Metal bf16 and
+# one-row products stay quantized (mlx_gemma4.compact, MLX_GEMMA4_UNPACK_ROWS overrides). On Metal bf16 and
 # the quantized kernels.
 
 

@@ -294,15 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
     p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `python -m mlx_gemma4.prompt_cache`")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the backend's best)")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16 (default: the backend's best)")
+    p.add_argument("--weights-dtype", default=None,
+                   help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
+                        "upcast per call (default: the compute dtype)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
     return p
 
 
-def load_for_cli(model_id, dtype=None, quantize=None):
+def load_for_cli(model_id, dtype=None, quantize=None, weights_dtype=None):
     from .loading import load
 
-    model, processor = load(model_id, dtype=dtype, quantize=quantize)
+    model, processor = load(model_id, dtype=dtype, quantize=quantize, weights_dtype=weights_dtype)
     if processor is None:
         raise FileNotFoundError(f"{model_id} has no tokenizer.json; it cannot be prompted with text")
     return model, processor
@@ -361,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
                              "--no-chat-template)")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load_for_cli(args.model, args.dtype, args.quantize)
+        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
         gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                           min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
         if args.chat:

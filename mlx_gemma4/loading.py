@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from . import backend
 from .config import ModelConfig, load_config
 from .model import Gemma4
-from .quantized import use_fast_linears
+from .compact import use_fast_products
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -174,6 +174,7 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
 # the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
+TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # parameter prefixes outside the decoder
 MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
               "per_layer_input_gate", "per_layer_projection")
 
@@ -210,7 +211,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if path.startswith(("vision_tower", "audio_tower", "embed_vision", "embed_audio")):
+        if path.startswith(TOWERS):
             return False  # towers stay in float: small, and their clipped linears need exact bounds
         rule = plan.get(path, True)
         if rule is False:
@@ -220,7 +221,19 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
         return _quantizable(module, gs) and {"group_size": gs, "bits": bits}
 
     nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
-    use_fast_linears(model)
+    use_fast_products(model)
+
+
+def store_compact(model: nn.Module, storage: mx.Dtype, compute: mx.Dtype) -> None:
+    """Keep the text decoder's float weight matrices (linears, embeddings, expert banks) in `storage` when it
+    differs from `compute`; norms, scalars and the towers stay in `compute`. Then give the model the products
+    that handle compact weights (mlx_gemma4.compact)."""
+    if storage == compute:
+        return
+    compact = [(name, w.astype(storage)) for name, w in tree_flatten(model.parameters())
+               if w.ndim >= 2 and w.dtype == compute and not name.startswith(TOWERS)]
+    model.load_weights(compact, strict=False)
+    use_fast_products(model, compute)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -231,15 +244,21 @@ def build_model(config: ModelConfig) -> Gemma4:
 
 
 def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
-               group_size: int = 64, recipe: str = "uniform", lazy: bool = False) -> Gemma4:
+               group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
+               weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
     config = load_config(path)
-    return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy)
+    return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy,
+                              weights_dtype=weights_dtype)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        dtype: mx.Dtype | str | None = None, quantize: int | None = None, group_size: int = 64,
-                       recipe: str = "uniform", lazy: bool = False) -> Gemma4:
+                       recipe: str = "uniform", lazy: bool = False, *,
+                       weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
+
+    dtype: the compute dtype (backend.resolve_dtype); weights_dtype: the storage dtype of the text decoder's float
+    weight matrices left unquantized (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute).
 
     Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
     as its cast copy exists, so loading never holds the checkpoint twice."""
@@ -259,6 +278,7 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         plan = quantization_plan(model, quantize, group_size, recipe)
         apply_quantization(model, plan)
         config.quantization = plan
+    store_compact(model, backend.resolve_weights_dtype(weights_dtype, target), target)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
@@ -266,15 +286,18 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
 
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
-         group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None):
+         group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None, *,
+         weights_dtype: mx.Dtype | str | None = None):
     """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer.
 
-    Also takes a llama.cpp `.gguf` file, or "demo" for the offline demo model (see load_gguf)."""
+    dtype is the compute dtype; weights_dtype="bfloat16" keeps float weight matrices in bfloat16 under float32
+    compute (half the memory; see mlx_gemma4.compact). Also takes a llama.cpp `.gguf` file, or "demo" for the
+    offline demo model (see load_gguf)."""
     gguf_file = resolve_gguf(path_or_repo)
     if gguf_file is not None:
-        return load_gguf(gguf_file, dtype, quantize, group_size, recipe, lazy)
+        return load_gguf(gguf_file, dtype, quantize, group_size, recipe, lazy, weights_dtype=weights_dtype)
     path = resolve_path(path_or_repo, revision)
-    model = load_model(path, dtype, quantize, group_size, recipe, lazy)
+    model = load_model(path, dtype, quantize, group_size, recipe, lazy, weights_dtype=weights_dtype)
     return model, load_processor(path, model.config)
 
 
@@ -305,7 +328,8 @@ def resolve_gguf(path_or_repo: str | os.PathLike) -> Path | None:
 
 
 def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
-              group_size: int = 64, recipe: str = "uniform", lazy: bool = False):
+              group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
+              weights_dtype: mx.Dtype | str | None = None):
     """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then `dtype`, or re-quantized to MLX's
     format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
     from . import gguf
@@ -318,6 +342,7 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quan
     for name, value in gguf.iter_weights(gf):
         weights[name] = mx.array(value).astype(target)
         mx.eval(weights[name])
-    model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy)
+    model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy,
+                               weights_dtype=weights_dtype)
     return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
 

@@ -109,3 +109,13 @@ def test_generate_cli_raw_prompt_and_stdin(chat_checkpoint, capsys, monkeypatch)
     assert gen_cli.main(["--model", str(path), "--prompt", "-", "--no-chat-template", "--max-tokens", "3"]) == 0
     raw = Processor.from_pretrained(path).encode("hello from stdin")  # <bos> + the text, no template
     assert f"prompt: {len(raw)} tokens," in capsys.readouterr().err
+
+
+def test_generate_cli_weights_dtype(chat_checkpoint, capsys):
+    """--weights-dtype bfloat16 loads and generates; a bad value is a one-line error."""
+    path = str(chat_checkpoint("e2b"))
+    assert gen_cli.main(["--model", path, "--prompt", "hi", "--max-tokens", "3", "--weights-dtype", "bfloat16"]) == 0
+    assert "generation: 3 tokens" in capsys.readouterr().err
+    assert gen_cli.main(["--model", path, "--prompt", "hi", "--weights-dtype", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert "unsupported weights dtype 'int8'" in err and "Traceback" not in err

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..quantized import quantized_matmul
+from ..compact import compact_matmul, quantized_matmul
 from ._metal import KernelSpec
 
 DECODE_MAX_TOKENS = 8  # token counts up to this use the matrix-vector kernels
@@ -133,10 +133,9 @@ def _gather_matmul(x: mx.array, bank: ExpertBank, experts: mx.array, sorted_indi
     if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
         # MLX's CPU gather_mm is float32-only: with fewer (token, slot) pairs than experts, take just the
         # selected experts' matrices (the rows a matrix-vector product reads anyway); else upcast the bank.
-        x = x.astype(mx.float32)
         if experts.size < bank.num_experts:
-            return x @ w[experts].astype(mx.float32).swapaxes(-1, -2)
-        w = w.astype(mx.float32)
+            return compact_matmul(x, w[experts])
+        x, w = x.astype(mx.float32), w.astype(mx.float32)
     elif w.dtype != x.dtype:
         w = w.astype(x.dtype)
     return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_indices)
@@ -146,12 +145,12 @@ def _expert_matmul(x: mx.array, bank: ExpertBank, e: int) -> mx.array:
     """x (rows, in) times expert e's matrix transposed -> (rows, out)."""
     if bank.quantized:
         return quantized_matmul(x, bank.weight[e], bank.scales[e], bank.biases[e], bank.group_size, bank.bits)
-    return x @ bank.weight[e].astype(x.dtype).T
+    return compact_matmul(x, bank.weight[e])
 
 
 def expert_glu_segments(x, indices, weights, gate_up: ExpertBank, down: ExpertBank) -> mx.array:
     """The CPU prefill path: (token, slot) pairs sorted by expert, then one plain matmul per expert over its
-    contiguous segment of rows (BLAS sgemm; unpacked when quantized, see `quantized.quantized_matmul`).
+    contiguous segment of rows (BLAS sgemm; compact weights unpacked, see `mlx_gemma4.compact`).
 
     MLX's CPU gather_mm runs at ~5 GFLOP/s on these shapes, a per-expert sgemm at ~30 (T=512, 26B dims: 6.2 s
     vs 1.2 s for the gate/up bank). Needs the routing on the host: one synchronization per MoE layer."""

@@ -1,0 +1,121 @@
+"""Quantized products on the backend's fast path: the CPU's unpack + float matmul gives what MLX's own quantized
+kernels give, and loaded quantized models use it."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_gemma4 import compact
+from mlx_gemma4.loading import load
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantize_equals_mlx(bits, group_size):
+    w = mx.random.normal((3, 40, 256), key=mx.random.key(bits + group_size))
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    ours = compact.dequantize(q, s, b, group_size, bits)
+    assert mx.array_equal(ours, mx.dequantize(q, s, b, group_size=group_size, bits=bits))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 33])
+def test_quantized_matmul_paths(rows, monkeypatch):
+    """Below UNPACK_MIN_ROWS the product stays quantized (bit-identical to mx.quantized_matmul); from there on the
+    CPU unpacks, equal within float32 rounding. MLX_GEMMA4_UNPACK_ROWS=0 turns the unpacking off."""
+    w = mx.random.normal((96, 128), key=mx.random.key(1))
+    q, s, b = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((rows, 128), key=mx.random.key(2))
+    want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4)
+    got = compact.quantized_matmul(x, q, s, b, 64, 4)
+    if rows < compact.UNPACK_MIN_ROWS:
+        assert mx.array_equal(got, want)
+    else:
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+        dense = x @ mx.dequantize(q, s, b, group_size=64, bits=4).T
+        assert mx.array_equal(got, dense)  # exactly the unpack + matmul path
+    monkeypatch.setenv("MLX_GEMMA4_UNPACK_ROWS", "0")
+    assert compact.unpack_min_rows() is None
+    assert mx.array_equal(compact.quantized_matmul(x, q, s, b, 64, 4), want)
+
+
+def test_loaded_quantized_model_uses_fast_linears(text_checkpoint):
+    model, _ = load(text_checkpoint("e2b"), quantize=4)
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert linears and all(type(m) is compact.QuantizedLinear for m in linears)
+    layer = linears[0]
+    x = mx.random.normal((2, 9, layer.weight.shape[1] * 32 // layer.bits), key=mx.random.key(3))
+    want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                               group_size=layer.group_size, bits=layer.bits)
+    np.testing.assert_allclose(np.array(layer(x)), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_compact_matmul_paths(rows):
+    """bf16-stored weight under float32 compute: one-row products run in bf16 (half the bytes read), products
+    with UNPACK_MIN_ROWS rows or more upcast the weight and run in float32."""
+    w = mx.random.normal((48, 64), key=mx.random.key(4)).astype(mx.bfloat16)
+    x = mx.random.normal((rows, 64), key=mx.random.key(5))
+    got = compact.compact_matmul(x, w)
+    assert got.dtype == mx.float32
+    if rows < compact.UNPACK_MIN_ROWS:
+        assert mx.array_equal(got, (x.astype(mx.bfloat16) @ w.T).astype(mx.float32))
+    else:
+        assert mx.array_equal(got, x @ w.astype(mx.float32).T)
+
+
+def test_weights_dtype_resolution(monkeypatch):
+    from mlx_gemma4 import backend
+
+    monkeypatch.delenv("MLX_GEMMA4_WEIGHTS_DTYPE", raising=False)
+    assert backend.resolve_weights_dtype(None, mx.float32) == mx.float32
+    assert backend.resolve_weights_dtype("bf16", mx.float32) == mx.bfloat16
+    monkeypatch.setenv("MLX_GEMMA4_WEIGHTS_DTYPE", "float16")
+    assert backend.resolve_weights_dtype(None, mx.float32) == mx.float16
+    with pytest.raises(ValueError, match="wider than the compute dtype"):
+        backend.resolve_weights_dtype("float32", mx.bfloat16)
+    with pytest.raises(ValueError, match="unsupported weights dtype"):
+        backend.resolve_weights_dtype("int8", mx.float32)
+
+
+def _rounded_reference(path):
+    """The float32 model with every decoder weight matrix rounded through bfloat16: what the compact model
+    computes on its prefill path."""
+    from mlx.utils import tree_flatten
+
+    model, _ = load(path, dtype="float32")
+    model.load_weights([(k, w.astype(mx.bfloat16).astype(mx.float32))
+                        for k, w in tree_flatten(model.parameters()) if w.ndim >= 2], strict=False)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_bf16_weights_under_float32_compute(variant, text_checkpoint, monkeypatch):
+    from mlx.utils import tree_flatten
+
+    path = text_checkpoint(variant)
+    model, _ = load(path, dtype="float32", weights_dtype="bfloat16")
+    params = dict(tree_flatten(model.parameters()))
+    assert all(w.dtype == (mx.bfloat16 if w.ndim >= 2 else mx.float32) for w in params.values())
+    assert model.dtype == mx.float32
+    ids = mx.array(np.random.default_rng(0).integers(3, 500, (1, 24)))
+    # every product upcast (as prefill products with UNPACK_MIN_ROWS rows are): float32 math on the bf16-rounded
+    # weights, whichever way the weight reaches the product (linear, tied head, expert segment or gather)
+    ref = _rounded_reference(path)(ids)
+    with monkeypatch.context() as env:
+        env.setenv("MLX_GEMMA4_UNPACK_ROWS", "1")
+        logits = model(ids)
+    assert logits.dtype == mx.float32
+    np.testing.assert_allclose(np.array(logits), np.array(ref), rtol=1e-4, atol=1e-4)
+    # decode (one row): bf16 products with float32 everywhere else, so no further from the full forward pass than
+    # a model computing wholly in bfloat16 is (tiny random models amplify bf16 rounding: both are ~5-10%)
+    cache = model.make_cache()
+    model(ids[:, :16], cache=cache)
+    steps = mx.concatenate([model(ids[:, t:t + 1], cache=cache) for t in range(16, 24)], axis=1)
+    want = np.array(ref[:, 16:])
+    bf16_model, _ = load(path, dtype="bfloat16")
+    err = np.abs(np.array(steps) - want).max() / np.abs(want).max()
+    err_bf16 = np.abs(np.array(bf16_model(ids)[:, 16:].astype(mx.float32)) - want).max() / np.abs(want).max()
+    assert err <= err_bf16, f"decode vs full forward: {err:.2e} of the logit scale, bf16 model {err_bf16:.2e}"
