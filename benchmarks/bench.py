@@ -58,6 +58,7 @@ class MlxGemma4:
 
         self.mx = mx
         self.path = path
+        self.weights_dtype = weights_dtype
         self.model, _ = load(str(path), weights_dtype=weights_dtype)
 
     def planner_bytes(self, context: int, chunk: int) -> int:
@@ -66,7 +67,7 @@ class MlxGemma4:
 
         config = json.loads((self.path / "config.json").read_text())
         dtype = str(self.model.dtype).replace("mlx.core.", "")
-        return memory.estimate(config, context, dtype=dtype, chunk=chunk).total
+        return memory.estimate(config, context, dtype=dtype, chunk=chunk, weights_dtype=self.weights_dtype).total
 
     def new_cache(self):
         return self.model.make_cache()

@@ -1,7 +1,8 @@
 """Memory planner: how much RAM a Gemma 4 model needs at a given context, from its config alone.
 
     python -m mlx_gemma4.memory --model e2b|e4b|26b-a4b|31b|google/gemma-4-E2B-it|DIR --context 8192 \
-        [--bits 4|8|16] [--kv-bits 4|8] [--dtype float32|bfloat16] [--chunk 512] [--ram 24]
+        [--bits 4|8|16] [--kv-bits 4|8] [--dtype float32|bfloat16] [--weights-dtype bfloat16] [--chunk 512] \
+        [--ram 24]
 
 The estimate has three parts:
   weights      every text-decoder tensor at its stored size (a local directory's safetensors headers are read,
@@ -325,7 +326,8 @@ def kv_cache_bytes(text: dict, context: int, dtype_bytes: int, kv_bits: int | No
     return out
 
 
-def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, quantized: bool = False) -> int:
+def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, quantized: bool = False,
+                     upcast_weights: bool = False) -> int:
     """Largest set of temporaries alive while one prefill chunk passes the costliest layer.
 
     Residual stream and its normed copy, q/k/v of the chunk, the attention scores against the cached keys
@@ -349,6 +351,8 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, qua
         scores = int(1.25 * nh * C * keys * 4)
         worst_attention = max(worst_attention, qkv + scores + C * nh * g.head_dim * dtype_bytes)
         mlp = 3 * C * g.mlp_intermediate * dtype_bytes
+        if upcast_weights:  # weights stored narrower than the compute dtype: the MLP's three matrices upcast (measured)
+            mlp += 3 * g.mlp_intermediate * H * dtype_bytes
         if text.get("enable_moe_block"):
             # kernels.expert_glu_segments (the CPU prefill path), measured: about four float32 copies of the
             # (token, expert) pairs' rows alive at once (gathered inputs, per-expert outputs, their concatenation
@@ -365,17 +369,21 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, qua
 
 
 def estimate(config: dict, context: int, *, bits: int | None = None, kv_bits: int | None = None,
-             dtype: str = "bfloat16", chunk: int = 512, directory: Path | None = None) -> MemoryEstimate:
+             dtype: str = "bfloat16", chunk: int = 512, directory: Path | None = None,
+             weights_dtype: str | None = None) -> MemoryEstimate:
     """Estimate the memory to run `config` at `context` tokens.
 
     bits: weight precision (4, 8 or 16); default: the checkpoint's own (its config's `quantization`, else 16).
-    dtype: the compute dtype (KV cache and activations; unquantized weights are held in it too).
+    dtype: the compute dtype (KV cache and activations; unquantized weights are held in it too, unless
+    weights_dtype names a narrower storage dtype, as `load(..., weights_dtype=...)` does).
     directory: a local checkpoint whose safetensors headers give the exact stored weight size (used when
     `bits` is not given and the compute dtype does not change the stored float size)."""
     if context < 1:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown compute dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+    if weights_dtype is not None and weights_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown weights dtype {weights_dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
     if bits is not None and bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
     if kv_bits is not None and kv_bits not in (4, 8):
@@ -386,12 +394,14 @@ def estimate(config: dict, context: int, *, bits: int | None = None, kv_bits: in
     stored_bits = quant.get("bits", 16)
     group = quant.get("group_size", GROUP_SIZE)
     specs = text_param_specs(text)
-    if bits is None and directory is not None and dtype_bytes == 2:
+    weight_bytes = DTYPE_BYTES[weights_dtype or dtype]
+    if bits is None and directory is not None and weight_bytes == 2:
         weights = safetensors_bytes(directory, _text_weight_key)
     else:
-        weights = stored_bytes(specs, bits or stored_bits, group, float_bytes=dtype_bytes)
+        weights = stored_bytes(specs, bits or stored_bits, group, float_bytes=weight_bytes)
     kv = kv_cache_bytes(text, context, dtype_bytes, kv_bits, chunk=min(chunk, context))
-    acts = activation_bytes(text, context, chunk, dtype_bytes, quantized=(bits or stored_bits) < 16)
+    acts = activation_bytes(text, context, chunk, dtype_bytes, quantized=(bits or stored_bits) < 16,
+                            upcast_weights=weight_bytes < dtype_bytes)
     return MemoryEstimate(weights=weights, kv_cache=kv["sliding"] + kv["full"], activations=acts, kv_cache_detail=kv)
 
 
@@ -429,6 +439,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized KV cache")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
                     help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
+    ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
+                    help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     ap.add_argument("--ram", type=float, help="RAM in GiB to check the total against")
     args = ap.parse_args(argv)
@@ -436,7 +448,7 @@ def main(argv=None) -> None:
         config, directory = resolve_model(args.model)
         dtype = args.dtype or default_dtype_name()
         est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
-                       chunk=args.chunk, directory=directory)
+                       chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(f"model {args.model}, compute dtype {dtype}")

@@ -39,6 +39,9 @@ CASES = {
                  sliding_window=64), 512, 128, None),
     "26b-q4": (dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, vocab_size=2048,
                     sliding_window=64), 512, 128, 4),
+    # float32 compute with the weight matrices stored in bf16 (load(weights_dtype="bfloat16"))
+    "e2b-bf16w": (dict(hidden_size=256, intermediate_size=512, vocab_size=2048, vocab_size_per_layer_input=2048,
+                       sliding_window=128, hidden_size_per_layer_input=64), 1024, 256, None),
 }
 
 
@@ -49,7 +52,8 @@ def test_estimate_within_10_percent_of_measured_peak(case, tmp_path):
     synth.write_checkpoint(config, tmp_path / "ckpt", bits=bits)
     gc.collect()
     baseline = mx.get_active_memory()  # arrays other tests in this process still hold
-    model, _ = load(tmp_path / "ckpt")
+    weights_dtype = "bfloat16" if case.endswith("-bf16w") else None
+    model, _ = load(tmp_path / "ckpt", weights_dtype=weights_dtype)
     dtype = str(model.dtype).replace("mlx.core.", "")
     weights_resident = sum(w.nbytes for _, w in tree_flatten(model.parameters()))
     mx.reset_peak_memory()
@@ -66,7 +70,7 @@ def test_estimate_within_10_percent_of_measured_peak(case, tmp_path):
     assert np.isfinite(np.array(logits)).all()
     peak = mx.get_peak_memory() - baseline
 
-    est = memory.estimate(config, context, bits=bits, dtype=dtype, chunk=chunk)
+    est = memory.estimate(config, context, bits=bits, dtype=dtype, chunk=chunk, weights_dtype=weights_dtype)
     assert est.weights == pytest.approx(weights_resident, rel=0.02)
     kv_measured = sum(c.nbytes for c in cache if c is not None)
     assert kv_measured <= est.kv_cache  # the estimate includes the prefill chunk in flight in sliding layers
