@@ -224,16 +224,14 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
     use_fast_products(model)
 
 
-def store_compact(model: nn.Module, storage: mx.Dtype, compute: mx.Dtype) -> None:
-    """Keep the text decoder's float weight matrices (linears, embeddings, expert banks) in `storage` when it
-    differs from `compute`; norms, scalars and the towers stay in `compute`. Then give the model the products
-    that handle compact weights (mlx_gemma4.compact)."""
-    if storage == compute:
-        return
-    compact = [(name, w.astype(storage)) for name, w in tree_flatten(model.parameters())
-               if w.ndim >= 2 and w.dtype == compute and not name.startswith(TOWERS)]
-    model.load_weights(compact, strict=False)
-    use_fast_products(model, compute)
+def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) -> mx.Dtype:
+    """The dtype a loaded tensor is kept in: the text decoder's float weight matrices (linears, embeddings, expert
+    banks) in `compact`; norms, scalars and the towers in `compute`; integer (packed) tensors as stored."""
+    if not mx.issubdtype(w.dtype, mx.floating):
+        return w.dtype
+    if w.ndim >= 2 and not name.startswith(TOWERS):
+        return compact
+    return compute
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -258,7 +256,7 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
 
     dtype: the compute dtype (backend.resolve_dtype); weights_dtype: the storage dtype of the text decoder's float
-    weight matrices left unquantized (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute).
+    weight matrices (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute), unless `quantize` is set.
 
     Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
     as its cast copy exists, so loading never holds the checkpoint twice."""
@@ -269,7 +267,9 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         apply_quantization(model, config.quantization)
     target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
     check_weights(model, weights)
-    weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    # matrices about to be quantized are cast to the compute dtype first (their scales and biases take it)
+    compact = target if quantize else backend.resolve_weights_dtype(weights_dtype, target)
+    weights = {k: v.astype(storage_dtype(k, v, target, compact)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     del weights
     if quantize:
@@ -278,7 +278,8 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         plan = quantization_plan(model, quantize, group_size, recipe)
         apply_quantization(model, plan)
         config.quantization = plan
-    store_compact(model, backend.resolve_weights_dtype(weights_dtype, target), target)
+    if compact != target:
+        use_fast_products(model, target)  # products that upcast compact weights (mlx_gemma4.compact)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

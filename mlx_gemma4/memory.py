@@ -351,8 +351,8 @@ def activation_bytes(text: dict, context: int, chunk: int, dtype_bytes: int, qua
         scores = int(1.25 * nh * C * keys * 4)
         worst_attention = max(worst_attention, qkv + scores + C * nh * g.head_dim * dtype_bytes)
         mlp = 3 * C * g.mlp_intermediate * dtype_bytes
-        if upcast_weights:  # weights stored narrower than the compute dtype: the MLP's three matrices upcast (measured)
-            mlp += 3 * g.mlp_intermediate * H * dtype_bytes
+        if upcast_weights:  # weights stored narrower than the compute dtype: upcast copies of the MLP's three
+            mlp += 2 * 3 * g.mlp_intermediate * H * dtype_bytes  # matrices, about two layers' worth alive (measured)
         if text.get("enable_moe_block"):
             # kernels.expert_glu_segments (the CPU prefill path), measured: about four float32 copies of the
             # (token, expert) pairs' rows alive at once (gathered inputs, per-expert outputs, their concatenation
