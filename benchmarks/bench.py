@@ -70,22 +70,21 @@ class MlxGemma4:
         return memory.estimate(config, context, dtype=dtype, chunk=chunk, weights_dtype=self.weights_dtype).total
 
     def new_cache(self):
-        return self.model.make_cache()
+        from mlx_gemma4.prompt_cache import PromptCache
 
-    def _eval_cache(self, cache, *extra):
-        self.mx.eval(*extra, [(c.keys, c.values) for c in cache if c is not None and c.keys is not None])
+        return PromptCache.fresh(self.model)
 
     def prefill(self, tokens, cache, chunk: int) -> int:
-        """Chunked prefill, logits of the last position only; returns the greedy first token."""
-        mx = self.mx
-        for start in range(0, len(tokens), chunk):
-            logits = self.model(mx.array(tokens[start : start + chunk])[None], cache=cache, last_only=True)
-            self._eval_cache(cache, logits)
-        return int(mx.argmax(logits[0, -1]).item())
+        """mlx_gemma4.generate.prefill (what generation runs): chunks evaluating only the caches, logits of the
+        last position of the last chunk; returns the greedy first token."""
+        from mlx_gemma4.generate import prefill
+
+        logits = prefill(self.model, [int(t) for t in tokens], cache, step_size=chunk)
+        return int(self.mx.argmax(logits[0]).item())
 
     def step(self, token: int, cache) -> int:
         mx = self.mx
-        logits = self.model(mx.array([[token]]), cache=cache, last_only=True)
+        logits = self.model(mx.array([[token]]), cache=cache.caches, last_only=True)
         return int(mx.argmax(logits[0, -1]).item())
 
 
