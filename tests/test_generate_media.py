@@ -19,6 +19,18 @@ from mlx_gemma4.processing.audio import AudioFeatureExtractor
 T = checkpoints.MM_TOKEN_IDS
 
 
+def greedy_by_hand(model, ids: list[int], media: dict, n: int) -> list[int]:
+    """n greedy tokens after prefilling model.prepare_inputs(ids, **media) in one call, decoding step by step."""
+    inputs = model.prepare_inputs(mx.array([ids]), **media)
+    cache = model.make_cache()
+    logits = model(**inputs.span(0, inputs.length), cache=cache)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(mx.argmax(logits[0, -1])))
+        logits = model(mx.array([[tokens[-1]]]), cache=cache)
+    return tokens
+
+
 def tone(seconds: float, seed: int) -> np.ndarray:
     rng = np.random.RandomState(seed)
     t = np.arange(int(16000 * seconds)) / 16000
@@ -53,14 +65,7 @@ def test_audio_generation_equals_manual_prefill(audio_model):
     tokens = [c.token for c in stream_generate(model, processor, "What is it?", audio=[clip], max_tokens=8,
                                                stop_token_ids=[], prefill_step_size=16)]
     ids, media = processor.prompt_inputs("What is it?", audio=[clip])
-    inputs = model.prepare_inputs(mx.array([ids]), **media)
-    cache = model.make_cache()
-    logits = model(**inputs.span(0, inputs.length), cache=cache)
-    manual = []
-    for _ in range(8):
-        manual.append(int(mx.argmax(logits[0, -1])))
-        logits = model(mx.array([[manual[-1]]]), cache=cache)
-    assert tokens == manual
+    assert tokens == greedy_by_hand(model, ids, media, 8)
     # the audio matters: without it the continuation differs
     assert tokens != [c.token for c in stream_generate(model, processor, "What is it?", max_tokens=8,
                                                        stop_token_ids=[])]
@@ -137,14 +142,7 @@ def test_image_prompt_expands_and_generates_like_manual_prefill(vision_chat_chec
 
     tokens = [c.token for c in stream_generate(model, processor, ids, media=media, max_tokens=6,
                                                stop_token_ids=[], prefill_step_size=16)]
-    inputs = model.prepare_inputs(mx.array([ids]), **media)
-    cache = model.make_cache()
-    logits = model(**inputs.span(0, inputs.length), cache=cache)
-    manual = []
-    for _ in range(6):
-        manual.append(int(mx.argmax(logits[0, -1])))
-        logits = model(mx.array([[manual[-1]]]), cache=cache)
-    assert tokens == manual
+    assert tokens == greedy_by_hand(model, ids, media, 6)
     via_images = [c.token for c in stream_generate(model, processor, "Compare them.", images=images,
                                                    max_tokens=6, stop_token_ids=[])]
     default_budget_ids, _ = processor.prompt_inputs("Compare them.", images=images)
