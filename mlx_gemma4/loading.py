@@ -172,9 +172,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
+TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # parameter prefixes outside the decoder
+
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
 # the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
-TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # parameter prefixes outside the decoder
 MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
               "per_layer_input_gate", "per_layer_projection")
 
@@ -256,7 +257,7 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
 
     dtype: the compute dtype (backend.resolve_dtype); weights_dtype: the storage dtype of the text decoder's float
-    weight matrices (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute), unless `quantize` is set.
+    weight matrices (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute); quantized models ignore it.
 
     Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
     as its cast copy exists, so loading never holds the checkpoint twice."""
@@ -267,8 +268,10 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         apply_quantization(model, config.quantization)
     target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
     check_weights(model, weights)
-    # matrices about to be quantized are cast to the compute dtype first (their scales and biases take it)
-    compact = target if quantize else backend.resolve_weights_dtype(weights_dtype, target)
+    # quantized models are compact already: their scales and biases (and the matrices about to be quantized) stay
+    # in the compute dtype, which is what the quantized products expect
+    quantized = bool(quantize or config.quantization)
+    compact = target if quantized else backend.resolve_weights_dtype(weights_dtype, target)
     weights = {k: v.astype(storage_dtype(k, v, target, compact)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     del weights

@@ -119,3 +119,22 @@ def test_bf16_weights_under_float32_compute(variant, text_checkpoint, monkeypatc
     err = np.abs(np.array(steps) - want).max() / np.abs(want).max()
     err_bf16 = np.abs(np.array(bf16_model(ids)[:, 16:].astype(mx.float32)) - want).max() / np.abs(want).max()
     assert err <= err_bf16, f"decode vs full forward: {err:.2e} of the logit scale, bf16 model {err_bf16:.2e}"
+
+
+@pytest.mark.parametrize("source", ["quantize at load", "quantized checkpoint"])
+def test_weights_dtype_leaves_quantized_models_alone(source, text_checkpoint, tmp_path):
+    """A quantized model is compact already: its scales/biases stay in the compute dtype (the quantized products'
+    fast path), with or without weights_dtype."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma4.convert import convert
+
+    if source == "quantize at load":
+        path, kwargs = text_checkpoint("26b"), {"quantize": 4}
+    else:
+        path, kwargs = convert(text_checkpoint("26b"), tmp_path / "q4", bits=4), {}
+    plain, _ = load(path, dtype="float32", **kwargs)
+    model, _ = load(path, dtype="float32", weights_dtype="bfloat16", **kwargs)
+    got, want = dict(tree_flatten(model.parameters())), dict(tree_flatten(plain.parameters()))
+    assert {k: w.dtype for k, w in got.items()} == {k: w.dtype for k, w in want.items()}
+    assert all(w.dtype == mx.float32 for k, w in got.items() if k.endswith(("scales", "biases")))
