@@ -394,13 +394,14 @@ def estimate(config: dict, context: int, *, bits: int | None = None, kv_bits: in
     stored_bits = quant.get("bits", 16)
     group = quant.get("group_size", GROUP_SIZE)
     specs = text_param_specs(text)
-    weight_bytes = DTYPE_BYTES[weights_dtype or dtype]
+    quantized = (bits or stored_bits) < 16  # the loader ignores weights_dtype for quantized models
+    weight_bytes = DTYPE_BYTES[dtype if quantized else (weights_dtype or dtype)]
     if bits is None and directory is not None and weight_bytes == 2:
         weights = safetensors_bytes(directory, _text_weight_key)
     else:
         weights = stored_bytes(specs, bits or stored_bits, group, float_bytes=weight_bytes)
     kv = kv_cache_bytes(text, context, dtype_bytes, kv_bits, chunk=min(chunk, context))
-    acts = activation_bytes(text, context, chunk, dtype_bytes, quantized=(bits or stored_bits) < 16,
+    acts = activation_bytes(text, context, chunk, dtype_bytes, quantized=quantized,
                             upcast_weights=weight_bytes < dtype_bytes)
     return MemoryEstimate(weights=weights, kv_cache=kv["sliding"] + kv["full"], activations=acts, kv_cache_detail=kv)
 

@@ -134,3 +134,13 @@ def test_bad_input_is_named(tmp_path):
         memory.main(["--model", "nope", "--context", "10"])
     with pytest.raises(FileNotFoundError, match="safetensors"):
         memory.safetensors_bytes(tmp_path)
+
+
+def test_weights_dtype_halves_float_weights_and_leaves_quantized_models_alone():
+    config = memory.load_preset("e2b")
+    fp32 = memory.estimate(config, 4096, dtype="float32")
+    bf16w = memory.estimate(config, 4096, dtype="float32", weights_dtype="bfloat16")
+    assert bf16w.weights == pytest.approx(fp32.weights / 2, rel=0.01)
+    assert bf16w.activations > fp32.activations  # upcast copies of weight matrices during prefill
+    q4 = memory.estimate(config, 4096, bits=4, dtype="float32")
+    assert memory.estimate(config, 4096, bits=4, dtype="float32", weights_dtype="bfloat16") == q4
