@@ -25,11 +25,12 @@ import argparse
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL
+from .model import is_tower_param
+from .safetensors_io import read_header, tensor_bytes
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
@@ -37,7 +38,6 @@ GROUP_SIZE = 64
 GiB = 1024**3
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SAFETENSORS_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "U16": 2}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,22 +254,13 @@ def stored_bytes(specs, bits: int = 16, group_size: int = GROUP_SIZE, float_byte
     return total
 
 
-def safetensors_bytes(directory: Path, prefix_filter=None) -> int:
-    """Sum of tensor sizes recorded in the safetensors headers of a directory (reads headers only)."""
+def safetensors_bytes(directory: Path, keep=None) -> int:
+    """Sum of tensor sizes recorded in the safetensors headers of a directory (reads headers only); `keep`
+    filters tensor names."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory} has no *.safetensors files")
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, info in header.items():
-            if key == "__metadata__" or (prefix_filter and not prefix_filter(key)):
-                continue
-            begin, end = info["data_offsets"]
-            total += end - begin
-    return total
+    return sum(tensor_bytes(read_header(f), keep) for f in files)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,12 +280,6 @@ class MemoryEstimate:
 
     def fits(self, ram_bytes: int) -> bool:
         return self.total <= ram_bytes
-
-
-def _text_weight_key(key: str) -> bool:
-    """Text-decoder tensors in either layout (ours `language_model.*`, HF `model.language_model.*`/`model.*`)."""
-    towers = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
-    return not any(t in key for t in towers)
 
 
 def kv_bytes_per_value(dtype_bytes: int, kv_bits: int | None, group_size: int = GROUP_SIZE) -> float:
@@ -397,7 +382,7 @@ def estimate(config: dict, context: int, *, bits: int | None = None, kv_bits: in
     quantized = (bits or stored_bits) < 16  # the loader ignores weights_dtype for quantized models
     weight_bytes = DTYPE_BYTES[dtype if quantized else (weights_dtype or dtype)]
     if bits is None and directory is not None and weight_bytes == 2:
-        weights = safetensors_bytes(directory, _text_weight_key)
+        weights = safetensors_bytes(directory, lambda name: not is_tower_param(name))
     else:
         weights = stored_bytes(specs, bits or stored_bits, group, float_bytes=weight_bytes)
     kv = kv_cache_bytes(text, context, dtype_bytes, kv_bits, chunk=min(chunk, context))

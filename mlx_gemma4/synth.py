@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +39,11 @@ from .memory import (
     text_config_of,
     text_param_specs,
 )
+from .model import is_tower_param
+from .safetensors_io import ShardedWriter
 
 POOL_SIZE = (1 << 22) + 3  # random values reused at random offsets (not a multiple of any row length)
 CHUNK_ELEMENTS = 1 << 24  # elements generated/quantized at once (32 MB of bf16)
-TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,82 +73,6 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
         if "vocab_size_per_layer_input" in text:
             text["vocab_size_per_layer_input"] = vocab
     return config
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Streaming safetensors writer
-
-
-def _tensor_nbytes(shape, dtype: str) -> int:
-    return math.prod(shape) * {"BF16": 2, "F32": 4, "U32": 4}[dtype]
-
-
-class ShardedWriter:
-    """Writes a known list of tensors into safetensors shards whose headers are written up front.
-
-    Each tensor is then filled in order, in row slices, so nothing bigger than a slice is ever in memory."""
-
-    def __init__(self, out: Path, entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int,
-                 metadata: dict | None = None):
-        self.out = out
-        shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-        size = 0
-        for key, shape, dtype in entries:
-            nbytes = _tensor_nbytes(shape, dtype)
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, shape, dtype))
-            size += nbytes
-        n = len(shards)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
-        self.location: dict[str, tuple[int, int, int]] = {}  # key -> (shard, begin, end) in file bytes
-        self.total = 0
-        for shard_index, (fname, tensors) in enumerate(zip(self.files, shards)):
-            header, offset = {}, 0
-            for key, shape, dtype in tensors:
-                nbytes = _tensor_nbytes(shape, dtype)
-                header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            header["__metadata__"] = dict(metadata or {"format": "mlx"})
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            start = 8 + len(raw)
-            with open(out / fname, "wb") as fh:
-                fh.write(struct.pack("<Q", len(raw)) + raw)
-                fh.truncate(start + offset)
-            for key, shape, dtype in tensors:
-                b, e = header[key]["data_offsets"]
-                self.location[key] = (shard_index, start + b, start + e)
-            self.total += offset
-        self._cursor = {key: loc[1] for key, loc in self.location.items()}
-        self._handles: dict[int, object] = {}
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        shard, _, end = self.location[key]
-        pos = self._cursor[key]
-        if pos + len(data) > end:
-            raise ValueError(f"{key}: writing past the tensor's end")
-        fh = self._handles.get(shard)
-        if fh is None:
-            for other in list(self._handles):  # tensors are written in order: at most one shard stays open
-                self._handles.pop(other).close()
-            fh = self._handles[shard] = open(self.out / self.files[shard], "r+b")
-        fh.seek(pos)
-        fh.write(data)
-        self._cursor[key] = pos + len(data)
-
-    def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
-        short = [k for k, (_, _, end) in self.location.items() if self._cursor[k] != end]
-        if short:
-            raise RuntimeError(f"tensors left incomplete: {short[:5]}")
-        if len(self.files) > 1:
-            weight_map = {key: self.files[loc[0]] for key, loc in self.location.items()}
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +148,7 @@ def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     specs = []
     for key, tensor in model.state_dict().items():
         name = key.removeprefix("model.")
-        if name.startswith(TOWER_PREFIXES):
+        if is_tower_param(name):
             specs.append((name, tuple(tensor.shape)))
     return specs
 
