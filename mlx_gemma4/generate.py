@@ -20,8 +20,9 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
+from .engine import generate_step
 from .prompt_cache import PromptCache, load_prompt_cache
-from .sample import LogitsProcessor, apply_logits_processors, make_logits_processors, make_sampler
+from .sample import LogitsProcessor, make_logits_processors, make_sampler
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
 
@@ -51,63 +52,6 @@ class GenerationChunk:
     stats: GenerationStats
 
 
-# -- the decoding loop ----------------------------------------------------------------------------------------
-def prefill(model, ids: Sequence[int], prompt_cache: PromptCache, step_size: int = 512,
-            media: dict | None = None) -> mx.array:
-    """Run `ids` through the model into the caches, about `step_size` tokens at a time; logits (1, V) of the
-    last position. `media`: image/audio arrays for `model.prepare_inputs` (names as transformers' processor
-    outputs: pixel_values, image_position_ids, input_features, ...) whose soft tokens replace the prompt's
-    placeholder tokens; chunks then never split an image."""
-    if not ids:
-        raise ValueError("nothing to prefill: the prompt is empty (or entirely in the prompt cache)")
-    ids_arr = mx.array(list(ids), dtype=mx.int32)[None]
-    if media:
-        inputs = model.prepare_inputs(ids_arr, **media)
-        spans = inputs.chunks(step_size)
-        for start, end in spans[:-1]:
-            model(**inputs.span(start, end), cache=prompt_cache.caches, last_only=True)
-            prompt_cache.eval()
-        logits = model(**inputs.span(*spans[-1]), cache=prompt_cache.caches, last_only=True)[:, -1, :]
-    else:
-        while ids_arr.shape[1] > step_size:
-            model(ids_arr[:, :step_size], cache=prompt_cache.caches, last_only=True)
-            prompt_cache.eval()
-            ids_arr = ids_arr[:, step_size:]
-        logits = model(ids_arr, cache=prompt_cache.caches, last_only=True)[:, -1, :]
-    prompt_cache.tokens.extend(int(i) for i in ids)
-    return logits
-
-
-def generate_step(model, ids: Sequence[int], prompt_cache: PromptCache, sampler, *,
-                  logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
-                  prefill_step_size: int = 512, media: dict | None = None) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids after prefilling `ids`. Each yielded token except the last is fed
-    back (and recorded in prompt_cache.tokens) before it is yielded, so the next step overlaps the caller."""
-    history = mx.array(list(prompt_cache.tokens) + list(ids), dtype=mx.int32)[None] if logits_processors else None
-
-    def sample(logits):
-        nonlocal history
-        if logits_processors:
-            logits = apply_logits_processors(logits_processors, history, logits)
-        token = sampler(logits.astype(mx.float32))
-        if history is not None:
-            history = mx.concatenate([history, token[:, None].astype(mx.int32)], axis=1)
-        return token
-
-    token = sample(prefill(model, ids, prompt_cache, prefill_step_size, media))
-    mx.async_eval(token)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:  # feed this token while the caller handles it
-            next_token = sample(model(token[:, None], cache=prompt_cache.caches)[:, -1, :])
-            mx.async_eval(next_token)
-        value = int(token.item())
-        if n + 1 < max_tokens:
-            prompt_cache.tokens.append(value)
-        yield value
-        if n + 1 < max_tokens:
-            token = next_token
-
-
 def _peak_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -124,7 +68,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
     prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
-    for token-id prompts whose placeholders are already expanded (see `prefill`). The last chunk carries
+    for token-id prompts whose placeholders are already expanded (see `engine.prefill`). The last chunk carries
     finish_reason."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from .generate import DEFAULT_MODEL, load_for_cli, prefill
+    from .engine import prefill
+    from .generate import DEFAULT_MODEL, load_for_cli
 
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma4.prompt_cache",
                                      description="Prefill a prompt and save its KV caches to a file.")

@@ -9,7 +9,8 @@ import pytest
 
 from mlx_gemma4 import prompt_cache as pc_cli
 from mlx_gemma4.cache import RotatingKVCache
-from mlx_gemma4.generate import prefill, stream_generate
+from mlx_gemma4.engine import prefill
+from mlx_gemma4.generate import stream_generate
 from mlx_gemma4.loading import load
 from mlx_gemma4.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
 
