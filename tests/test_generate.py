@@ -5,7 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_gemma4.generate import ChatSession, generate, stream_generate
+from mlx_gemma4.generate import generate, stream_generate
+from mlx_gemma4.session import ChatSession
 from mlx_gemma4.loading import load
 from mlx_gemma4.processing import Processor
 
