@@ -60,6 +60,16 @@ def _rope_entry(d: dict, where: str) -> dict:
     }
 
 
+def kv_producer(layer_types: list[str], num_kv_shared_layers: int, layer: int) -> int | None:
+    """KV sharing: the last `num_kv_shared_layers` layers compute no keys/values of their own; each reuses those
+    of the last earlier non-shared layer of its type (transformers' kv_sharing). Returns the index of the layer
+    whose keys/values `layer` attends over (itself unless shared), None when no such layer exists."""
+    first_shared = len(layer_types) - num_kv_shared_layers
+    if layer < first_shared:
+        return layer
+    return next((j for j in range(first_shared - 1, -1, -1) if layer_types[j] == layer_types[layer]), None)
+
+
 @dataclass
 class TextConfig:
     model_type: str
@@ -101,16 +111,12 @@ class TextConfig:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     def kv_producer(self, layer: int) -> int:
-        """Index of the layer whose keys/values `layer` attends over (itself unless KV-shared).
-
-        A shared layer reuses the last non-shared layer of the same type (transformers' kv_sharing_modes)."""
-        if layer < self.first_kv_shared_layer:
-            return layer
-        kind = self.layer_types[layer]
-        for j in range(self.first_kv_shared_layer - 1, -1, -1):
-            if self.layer_types[j] == kind:
-                return j
-        raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
+        """Index of the layer whose keys/values `layer` attends over (itself unless KV-shared)."""
+        producer = kv_producer(self.layer_types, self.num_kv_shared_layers, layer)
+        if producer is None:
+            kind = self.layer_types[layer]
+            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
+        return producer
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer

@@ -28,14 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .memory import (
-    GROUP_SIZE,
-    is_quantizable,
-    layer_types_of,
-    quantized_specs,
-    text_config_of,
-    text_param_specs,
-)
+from .config import FULL, kv_producer
+from .memory import GROUP_SIZE, is_quantizable, model_config_of, quantized_specs, text_config_of, text_param_specs
 from .model import is_tower_param
 from .safetensors_io import ShardedWriter
 
@@ -55,12 +49,12 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     if layers is not None:
         if not 1 <= layers <= n_orig:
             raise ValueError(f"--layers must be between 1 and {n_orig} for this variant, got {layers}")
-        types = layer_types_of(text)[:layers]
-        types[-1] = "full_attention"
-        shared_orig = int(text.get("num_kv_shared_layers") or 0)
-        shared = round(layers * shared_orig / n_orig)
-        # transformers requires every attention kind to have a cache-owning layer before the shared tail
-        while shared > 0 and set(types[: layers - shared]) != set(types):
+        parsed = model_config_of(config).text
+        types = parsed.layer_types[:layers]
+        types[-1] = FULL
+        shared = round(layers * parsed.num_kv_shared_layers / n_orig)
+        # every KV-shared layer needs a cache-owning layer of its kind before the shared tail
+        while shared > 0 and any(kv_producer(types, shared, i) is None for i in range(layers)):
             shared -= 1
         text.update(num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=shared)
     if vocab is not None:
@@ -177,7 +171,7 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
-    specs = text_param_specs(text_config_of(config))
+    specs = text_param_specs(config)
     if towers:
         specs += tower_param_specs(config)
     else:
