@@ -1,4 +1,4 @@
-"""Gemma 4 12B (`gemma4_unified`) against transformers on tiny random weights (tests/family_checkpoints.py):
+"""Gemma 4 12B (`gemma4_unified`) against transformers on tiny random weights (tests/checkpoints/family.py):
 the decoder, the encoder-free image and audio front ends, their processors, and the whole path through
 load() / generate / the command line."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import checkpoints
-import family_checkpoints
+from checkpoints import family
 from mlx_gemma4 import load
 from mlx_gemma4.config import ConfigError, ModelConfig
 from mlx_gemma4.processing.unified import UnifiedAudioFeatureExtractor, UnifiedImageProcessor
@@ -34,14 +34,14 @@ def rel_err(a, b) -> float:
 def pair(unified_chat_checkpoint):
     """(our model, our processor, transformers' model) for the multimodal 12B-like checkpoint."""
     model, processor = load(unified_chat_checkpoint, dtype="float32")
-    return model, processor, family_checkpoints.load_hf_unified(unified_chat_checkpoint)
+    return model, processor, family.load_hf_unified(unified_chat_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def causal_lm_pair(tmp_path_factory):
     """The text-only Gemma4UnifiedForCausalLM layout (keys model.*, model_type gemma4_unified_text)."""
-    path = family_checkpoints.make_unified_checkpoint(tmp_path_factory.mktemp("12b-causal"), wrapper="causal_lm")
-    return load(path, dtype="float32")[0], family_checkpoints.load_hf_unified(path)
+    path = family.make_unified_checkpoint(tmp_path_factory.mktemp("12b-causal"), wrapper="causal_lm")
+    return load(path, dtype="float32")[0], family.load_hf_unified(path)
 
 
 def prompt(seed=0, length=40):
@@ -350,13 +350,13 @@ def test_app_turn_with_image_and_audio_equals_generate(unified_chat_checkpoint, 
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 def test_config_errors_name_the_problem():
-    text = dict(family_checkpoints.UNIFIED_TEXT, model_type="gemma4_unified_text", global_head_dim=32)
+    text = dict(family.UNIFIED_TEXT, model_type="gemma4_unified_text", global_head_dim=32)
     with pytest.raises(ConfigError, match="no per-layer embeddings or MoE"):
         ModelConfig.from_dict({"model_type": "gemma4_unified",
                                "text_config": dict(text, enable_moe_block=True, num_experts=4)})
     from mlx_gemma4.model import Gemma4
 
-    bad_vision = dict(family_checkpoints.UNIFIED_VISION, model_type="gemma4_unified_vision", output_proj_dims=32)
+    bad_vision = dict(family.UNIFIED_VISION, model_type="gemma4_unified_vision", output_proj_dims=32)
     with pytest.raises(ConfigError, match="output_proj_dims .* must equal mm_embed_dim"):
         Gemma4(ModelConfig.from_dict({"model_type": "gemma4_unified", "text_config": text,
                                       "vision_config": bad_vision}))

@@ -18,7 +18,7 @@ import copy
 import os
 from pathlib import Path
 
-from checkpoints import MM_TOKEN_IDS, TEXT_VARIANTS, VOCAB, randomize_norms_and_scalars
+from .text import MM_TOKEN_IDS, TEXT_VARIANTS, VOCAB, randomize_norms_and_scalars
 
 _PLE_AND_MOE = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
                 "top_k_experts", "moe_intermediate_size")
