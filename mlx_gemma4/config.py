@@ -111,10 +111,18 @@ class TextConfig:
         if layer < self.first_kv_shared_layer:
             return layer
         kind = self.layer_types[layer]
+        try:
+            return self.last_kv_layer(kind)
+        except ConfigError:
+            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV") from None
+
+    def last_kv_layer(self, kind: str) -> int:
+        """The last layer of type `kind` with a cache of its own: the KV that shared layers and MTP drafters read
+        (transformers' kv_sharing_modes "store")."""
         for j in range(self.first_kv_shared_layer - 1, -1, -1):
             if self.layer_types[j] == kind:
                 return j
-        raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
+        raise ConfigError(f"no {kind} layer owns a KV cache")
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer

@@ -164,6 +164,6 @@ def load_hf_assistant(path):
     import torch
     from transformers import AutoConfig, Gemma4AssistantForCausalLM, Gemma4UnifiedAssistantForCausalLM
 
-    cls = (Gemma4UnifiedAssistantForCausalLM if AutoConfig.from_pretrained(path).model_type == "gemma4_unified_assistant"
-           else Gemma4AssistantForCausalLM)
+    unified = AutoConfig.from_pretrained(path).model_type == "gemma4_unified_assistant"
+    cls = Gemma4UnifiedAssistantForCausalLM if unified else Gemma4AssistantForCausalLM
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
