@@ -18,7 +18,8 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text")
+SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text", "gemma4_unified_text")
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "proportional", "linear")
 
@@ -60,14 +61,11 @@ def _rope_entry(d: dict, where: str) -> dict:
     }
 
 
-def kv_producer(layer_types: list[str], num_kv_shared_layers: int, layer: int) -> int | None:
-    """KV sharing: the last `num_kv_shared_layers` layers compute no keys/values of their own; each reuses those
-    of the last earlier non-shared layer of its type (transformers' kv_sharing). Returns the index of the layer
-    whose keys/values `layer` attends over (itself unless shared), None when no such layer exists."""
+def last_cache_owner(layer_types: list[str], num_kv_shared_layers: int, kind: str) -> int | None:
+    """KV sharing: the last `num_kv_shared_layers` layers compute no keys/values of their own; each reads those of
+    the last earlier layer of its type, the one this returns (None when no layer of that type owns a cache)."""
     first_shared = len(layer_types) - num_kv_shared_layers
-    if layer < first_shared:
-        return layer
-    return next((j for j in range(first_shared - 1, -1, -1) if layer_types[j] == layer_types[layer]), None)
+    return next((j for j in range(first_shared - 1, -1, -1) if layer_types[j] == kind), None)
 
 
 @dataclass
@@ -97,6 +95,9 @@ class TextConfig:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
     use_bidirectional_attention: str | None = None
+    # With use_bidirectional_attention="vision": Gemma 4 lets an image's tokens see each other on sliding layers
+    # only, within the window; the 12B (gemma4_unified) on every layer, whatever the window (as Gemma 3).
+    vision_blocks_on_all_layers: bool = False
     pad_token_id: int = 0
     max_position_embeddings: int = 131072
     # Gemma 3 conventions expressed as configuration of the same decoder.
@@ -111,12 +112,24 @@ class TextConfig:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     def kv_producer(self, layer: int) -> int:
-        """Index of the layer whose keys/values `layer` attends over (itself unless KV-shared)."""
-        producer = kv_producer(self.layer_types, self.num_kv_shared_layers, layer)
-        if producer is None:
-            kind = self.layer_types[layer]
-            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
-        return producer
+        """Index of the layer whose keys/values `layer` attends over (itself unless KV-shared).
+
+        A shared layer reuses the last non-shared layer of the same type (transformers' kv_sharing_modes)."""
+        if layer < self.first_kv_shared_layer:
+            return layer
+        kind = self.layer_types[layer]
+        try:
+            return self.last_kv_layer(kind)
+        except ConfigError:
+            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV") from None
+
+    def last_kv_layer(self, kind: str) -> int:
+        """The last layer of type `kind` with a cache of its own: the KV that shared layers and MTP drafters read
+        (transformers' kv_sharing_modes "store")."""
+        layer = last_cache_owner(self.layer_types, self.num_kv_shared_layers, kind)
+        if layer is None:
+            raise ConfigError(f"no {kind} layer owns a KV cache")
+        return layer
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer
@@ -135,8 +148,9 @@ class TextConfig:
             raise ConfigError(
                 f"text model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})"
             )
-        parse = _parse_gemma3 if model_type == "gemma3_text" else _parse_gemma4
-        return parse(dict(d))
+        if model_type == "gemma3_text":
+            return _parse_gemma3(dict(d))
+        return _parse_gemma4(dict(d), unified=model_type == "gemma4_unified_text")
 
 
 def _require(d: dict, key: str, kind=int):
@@ -186,8 +200,20 @@ _GEMMA4_KEYS = {
 }
 
 
-def _parse_gemma4(d: dict) -> TextConfig:
+# The 12B's decoder (gemma4_unified_text) is Gemma 4's without per-layer embeddings and MoE.
+_NOT_IN_UNIFIED = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+                   "top_k_experts", "moe_intermediate_size")
+
+
+def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
     _check_unknown(d, _GEMMA4_KEYS)
+    if unified:
+        bad = {k: d[k] for k in _NOT_IN_UNIFIED if d.get(k) not in (None, False, 0)}
+        if bad:
+            raise ConfigError(f"gemma4_unified_text has no per-layer embeddings or MoE, but the config sets {bad}")
+        # transformers' Gemma4UnifiedTextConfig defaults: vision tokens attend bidirectionally, 256K positions
+        d.setdefault("use_bidirectional_attention", "vision")
+        d.setdefault("max_position_embeddings", 262144)
     _check_activation(d)
     n_layers = _require(d, "num_hidden_layers")
     layer_types = list(d.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)])
@@ -258,7 +284,7 @@ def _parse_gemma4(d: dict) -> TextConfig:
         raise ConfigError(f"num_kv_shared_layers={n_shared} must be in [0, {n_layers})")
 
     cfg = TextConfig(
-        model_type="gemma4_text",
+        model_type="gemma4_unified_text" if unified else "gemma4_text",
         **_shared_fields(d),
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
@@ -276,6 +302,7 @@ def _parse_gemma4(d: dict) -> TextConfig:
         top_k_experts=int(d.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(d.get("moe_intermediate_size") or d.get("expert_intermediate_size") or 0) if moe else 0,
         use_bidirectional_attention=bidir,
+        vision_blocks_on_all_layers=unified and bidir == "vision",
         max_position_embeddings=int(d.get("max_position_embeddings") or 131072),
     )
     for i in range(n_layers):
@@ -368,8 +395,11 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         quant = d.get("quantization")
-        if model_type in ("gemma4", "gemma3"):
-            if "text_config" not in d:
+        if model_type in DRAFTER_TYPES:
+            raise ConfigError(f"this is a {model_type} checkpoint: an MTP drafter, not a model of its own; load it "
+                              "with load_drafter(path) (or --draft-model) next to its target model")
+        if model_type in ("gemma4", "gemma3", "gemma4_unified"):
+            if not isinstance(d.get("text_config"), dict):
                 raise ConfigError(f"{model_type} config has no text_config")
             text_d = dict(d["text_config"])
             text_d.setdefault("model_type", model_type + "_text")
@@ -397,8 +427,8 @@ class ModelConfig:
         if model_type in SUPPORTED_TEXT_TYPES:
             return cls(text=TextConfig.from_dict(d), eos_token_ids=eos_ids, quantization=quant, raw=d)
         raise ConfigError(
-            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, and the "
-            "Gemma 3 text subset gemma3_text)"
+            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, gemma4_unified, "
+            "gemma4_unified_text, and the Gemma 3 text subset gemma3_text)"
         )
 
 

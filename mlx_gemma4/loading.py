@@ -83,7 +83,7 @@ def to_our_name(hf_name: str, config: ModelConfig) -> str:
     """Map a Hugging Face tensor name (or one of ours) onto our parameter tree."""
     if hf_name.startswith("model."):
         rest = hf_name[len("model."):]
-        if config.raw.get("model_type") in ("gemma4_text", "gemma3_text"):
+        if config.raw.get("model_type") in ("gemma4_text", "gemma3_text", "gemma4_unified_text"):
             return "language_model." + rest  # Gemma4ForCausalLM: model.X is the decoder
         return rest
     return hf_name

@@ -38,6 +38,8 @@ from .safetensors_io import read_header, tensor_bytes
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
+# presets beyond the four verified configs (synth writes them): the 12B and the MTP drafter of each model
+FAMILY_PRESETS = ("12b",) + tuple(f"{v}-assistant" for v in VARIANTS + ("12b",))
 GROUP_SIZE = 64
 GiB = 1024**3
 
@@ -49,9 +51,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def load_preset(variant: str) -> dict:
-    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b, 12b) or of its drafter (e2b-assistant, ...).
+
+    The 12B's and the drafters' files are reconstructions (no byte copy was available offline): their dimensions
+    come from transformers' Gemma4Unified* defaults, mlx-vlm's gemma4_unified defaults and published drafter
+    configs quoted in third-party code; the drafters' parameter counts match their model cards (78 M for E2B,
+    0.4-0.5 B for 26B/31B)."""
+    if variant not in VARIANTS + FAMILY_PRESETS:
+        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of "
+                         f"{', '.join(VARIANTS + FAMILY_PRESETS)}")
     return json.loads((PRESETS_DIR / f"{variant}.json").read_text())
 
 

@@ -16,7 +16,12 @@ Gemma4ForConditionalGeneration layout (`model.language_model.*`, bf16) for peers
 --layers N keeps the first N entries of the layer pattern (the last one always full attention, as
 transformers requires) and scales the KV-shared tail proportionally, keeping at least one cache-owning
 layer of each attention kind before it. Vision/audio towers are left out (and nulled in config.json)
-unless --towers is given; their tensor list then comes from transformers (a test dependency).
+unless --towers is given; their tensor list then comes from transformers (a test dependency), or, for the
+12B (`--variant 12b`, gemma4_unified), from its encoder-free embedders' shapes.
+
+`--variant e2b-assistant` (e4b-, 26b-a4b-, 31b-, 12b-assistant) writes the MTP drafter of a variant (its
+names are the same in both formats; the centroid head's token_ordering is a random permutation, int64), for
+`load_drafter` and `benchmarks/bench.py --draft-model`.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .config import FULL, kv_producer
+from .config import DRAFTER_TYPES, FULL, ModelConfig, last_cache_owner
+from .loading import build_model
 from .memory import GROUP_SIZE, is_quantizable, model_config_of, quantized_specs, text_config_of, text_param_specs
 from .model import is_tower_param
 from .safetensors_io import ShardedWriter
@@ -46,6 +53,8 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     config = copy.deepcopy(config)
     text = text_config_of(config)
     n_orig = text["num_hidden_layers"]
+    if layers is not None and config.get("model_type") in DRAFTER_TYPES:
+        raise ValueError("--layers does not apply to drafters (every layer reads the target's KV)")
     if layers is not None:
         if not 1 <= layers <= n_orig:
             raise ValueError(f"--layers must be between 1 and {n_orig} for this variant, got {layers}")
@@ -54,12 +63,15 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
         types[-1] = FULL
         shared = round(layers * parsed.num_kv_shared_layers / n_orig)
         # every KV-shared layer needs a cache-owning layer of its kind before the shared tail
-        while shared > 0 and any(kv_producer(types, shared, i) is None for i in range(layers)):
+        while shared > 0 and None in (last_cache_owner(types, shared, kind) for kind in types[layers - shared:]):
             shared -= 1
         text.update(num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=shared)
     if vocab is not None:
         if vocab < 8:
             raise ValueError(f"--vocab must be at least 8, got {vocab}")
+        centroids = config.get("num_centroids") if config.get("use_ordered_embeddings") else None
+        if centroids and vocab % centroids:
+            raise ValueError(f"--vocab must be a multiple of the drafter's {centroids} centroids, got {vocab}")
         text["vocab_size"] = vocab
         if "vocab_size_per_layer_input" in text:
             text["vocab_size_per_layer_input"] = vocab
@@ -128,7 +140,9 @@ def _row_slices(shape: tuple[int, ...]):
 
 def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of the vision/audio towers and their projectors, read off transformers' model on the meta
-    device (nothing allocated). Needs transformers (the `test` extra)."""
+    device (nothing allocated). Needs transformers (the `test` extra); the 12B's embedders need nothing."""
+    if config.get("model_type") == "gemma4_unified":
+        return unified_embedder_specs(config)
     try:
         import torch
         from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -144,6 +158,22 @@ def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
+def unified_embedder_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the 12B's image and audio front ends, read off our module tree (mlx_gemma4.unified; the
+    names are its checkpoint's), built lazily."""
+    model = build_model(ModelConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters()) if is_tower_param(name)]
+
+
+def drafter_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of an MTP drafter, read off mlx_gemma4.drafter's module tree (the same names as its Hugging
+    Face checkpoint), built lazily."""
+    from .drafter import Drafter, DrafterConfig
+
+    model = Drafter(DrafterConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters())]
+
+
 def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
     """Safetensors entries (key, shape, dtype) for source tensors (name, shape), quantized where applicable."""
     entries, plan = [], []
@@ -153,7 +183,7 @@ def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
             entries += q
             plan.append((name, shape, [k for k, _, _ in q]))
         else:
-            entries.append((name, shape, "BF16"))
+            entries.append((name, shape, "I64" if name.endswith("token_ordering") else "BF16"))
             plan.append((name, shape, None))
     return entries, plan
 
@@ -171,14 +201,18 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
-    specs = text_param_specs(config)
-    if towers:
-        specs += tower_param_specs(config)
+    drafter = config.get("model_type") in DRAFTER_TYPES
+    if drafter:
+        specs = drafter_param_specs(config)
     else:
-        config["vision_config"] = None
-        config["audio_config"] = None
+        specs = text_param_specs(config)
+        if towers:
+            specs += tower_param_specs(config)
+        else:
+            config["vision_config"] = None
+            config["audio_config"] = None
     entries, plan = checkpoint_entries(specs, bits, group_size)
-    prefix = "model." if fmt == "hf" else ""
+    prefix = "model." if fmt == "hf" and not drafter else ""
     entries = [(prefix + key, shape, dtype) for key, shape, dtype in entries]
     writer = ShardedWriter(out, entries, shard_bytes, metadata={"format": "mlx" if fmt == "mlx" else "pt"})
 
@@ -188,6 +222,9 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     for name, shape, qkeys in plan:
         for rows, row in _row_slices(shape):
             n = rows * row
+            if name.endswith("token_ordering"):  # the centroid head's vocabulary order: a permutation
+                writer.write(prefix + name, values.rng.permutation(n).astype(np.int64).tobytes())
+                continue
             if qkeys is None:
                 writer.write(prefix + name, values.float_bits(name, n).tobytes())
                 continue
