@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -34,10 +36,6 @@ _IGNORED_KEYS = {
     "task_specific_params", "cross_attention_hidden_size", "add_cross_attention", "is_decoder",
     "tie_encoder_decoder", "chunk_size", "num_labels",
 }
-
-
-class ConfigError(ValueError):
-    """A checkpoint config this package cannot run faithfully."""
 
 
 def _rope_entry(d: dict, where: str) -> dict:

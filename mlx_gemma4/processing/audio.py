@@ -27,6 +27,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from ..errors import MediaError
+
 SAMPLING_RATE = 16_000
 AUDIO_SEQ_LENGTH = 750  # processor_config "audio_seq_length": most soft tokens per clip
 MAX_SAMPLES = 480_000  # feature extractor's max_length: 30 s at 16 kHz (-> exactly 750 soft tokens)
@@ -36,7 +38,7 @@ SUBSAMPLING_LAYERS = 2
 AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray]
 
 
-class AudioError(ValueError):
+class AudioError(MediaError):
     """An audio input that cannot be used (unreadable, empty, too short/long, wrong shape)."""
 
 

@@ -110,20 +110,40 @@ def _normalize_messages(messages) -> list[dict]:
 
 
 def render_chat(template: str, messages, *, tools=None, add_generation_prompt: bool = True,
-                enable_thinking: bool = False, special_tokens: dict[str, str] | None = None, **kwargs) -> str:
+                enable_thinking: bool = False, special_tokens: dict[str, str] | None = None,
+                mark: Callable[[Any], Any] | None = None, **kwargs) -> str:
     """Render `messages` with `template`. `special_tokens` (bos_token, eos_token, ...) and kwargs are template
-    variables, like transformers' apply_chat_template(..., tokenize=False, enable_thinking=...)."""
+    variables, like transformers' apply_chat_template(..., tokenize=False, enable_thinking=...). `mark`, if
+    given, is applied to the messages, the tool schemas and kwargs (everything a caller provides, not the
+    special tokens) before rendering: see processing.messages.mark_control_tokens."""
     import jinja2
 
     compiled = _compile(template)
+    messages = _normalize_messages(messages)
     tool_schemas = None if tools is None else [tool_schema(t) for t in tools]
+    if mark is not None:
+        messages, tool_schemas, kwargs = mark(messages), mark(tool_schemas), mark(kwargs)
     variables = {**(special_tokens or {}), **kwargs}
     try:
-        return compiled.render(messages=_normalize_messages(messages), tools=tool_schemas, documents=None,
+        return compiled.render(messages=messages, tools=tool_schemas, documents=None,
                                add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
                                **variables)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template failed: {e}") from e
+    except RecursionError as e:
+        raise ValueError("chat template failed: the messages are nested too deeply") from e
+
+
+@lru_cache(maxsize=8)
+def template_literal_text(template: str) -> str:
+    """The template's literal text and string constants, joined by NUL characters (so that a substring search
+    cannot match across two of them): the added tokens found in it are the control tokens the template writes."""
+    from jinja2 import nodes
+
+    ast = _compile(template).environment.parse(template)
+    literals = {n.data for n in ast.find_all(nodes.TemplateData)}
+    literals |= {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)}
+    return "\0".join(sorted(literals))
 
 
 # -- Python functions as tools --------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Helpers for the hardening tests: transformers' Gemma4Processor built from its parts over a tiny tokenizer,
+small media files, a local HTTP server for URL media, and a subprocess runner with time/memory limits."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+import checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+MM_SPECIAL_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                     "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+
+
+def make_mm_tokenizer(out_dir) -> Path:
+    """The 512-id test tokenizer with the image/audio/video tokens at the tiny checkpoints' ids."""
+    return checkpoints.make_tokenizer(out_dir, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@lru_cache(maxsize=2)
+def hf_processor(directory: str):
+    """transformers' Gemma4Processor over the files in `directory` (its Pillow image processor, its audio
+    feature extractor, a fast tokenizer with Gemma 4's multimodal tokens). transformers' video processor needs
+    torchvision, which the test environment lacks: the processor is built without one (video inputs are
+    compared through Gemma4Processor.replace_video_token instead)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    class WithoutVideoProcessor(Gemma4Processor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name != "video_processor":
+                return super().check_argument_for_proper_class(name, arg)
+
+    directory = Path(directory)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", mask_token="<mask>", extra_special_tokens=MM_SPECIAL_TOKENS)
+    return WithoutVideoProcessor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                                 image_processor=Gemma4ImageProcessorPil(), tokenizer=tokenizer,
+                                 video_processor=None, chat_template=(directory / "chat_template.jinja").read_text())
+
+
+def picture(seed: int, height: int = 64, width: int = 80) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 200
+    return np.clip(base + rng.randint(0, 50, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def tone(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.randn(t.size)).astype(np.float32)
+
+
+class StaticServer:
+    """A local HTTP server (127.0.0.1, own thread) serving {path: bytes}; "/slow" never finishes its body."""
+
+    def __init__(self, files: dict[str, bytes]):
+        files = dict(files)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                if self.path == "/slow":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    for _ in range(100):
+                        self.wfile.write(b"x" * 10)
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    return
+                if self.path == "/unsized":  # no Content-Length: the size limit applies while reading
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(files["/big"])
+                    return
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -c code` with an address-space limit (RLIMIT_AS) and a wall-clock timeout. The import of
+    mlx_gemma4 happens before the limit: the limit bounds what the code under test allocates (MLX and numpy
+    reserve address space at import). Prints 'ELAPSED <s>' and 'MAXRSS_MB <MB>' on stderr at the end."""
+    gb = int(memory_gb * 2**30)
+    prelude = (
+        "import resource, sys, time, traceback\n"
+        "import mlx_gemma4, mlx.core, numpy\n"
+        "from mlx_gemma4 import loading, gguf, config\n"
+        f"_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)\n"
+        f"_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"_limit = _vm() + {gb} if (_vm := lambda: int(open('/proc/self/statm').read().split()[0]) * "
+        "resource.getpagesize())() else 0\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (_limit, _hard))\n"
+        "_t = time.perf_counter()\n"
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.strip().splitlines()) +
+        "finally:\n"
+        "    print('ELAPSED', time.perf_counter() - _t, file=sys.stderr)\n"
+        "    print('MAXRSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tools")]))
+    return subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=timeout_s + 60,
+                          env=env, cwd=cwd or ROOT)
+
+
+__all__ = ["hf_processor", "make_mm_tokenizer", "picture", "tone", "StaticServer", "run_limited", "resource"]
