@@ -69,7 +69,7 @@ def test_float_types(qtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic Gemma 4 GGUF files (tests/checkpoints.py: make_gemma4_gguf)
+# Synthetic Gemma 4 GGUF files (tests/checkpoints/gguf_file.py: make_gemma4_gguf)
 # ----------------------------------------------------------------------------------------------------------------
 
 
