@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import http.server
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from functools import lru_cache
@@ -22,9 +22,20 @@ MM_SPECIAL_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_t
                      "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
 
 
-def make_mm_tokenizer(out_dir) -> Path:
-    """The 512-id test tokenizer with the image/audio/video tokens at the tiny checkpoints' ids."""
-    return checkpoints.make_tokenizer(out_dir, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+@lru_cache(maxsize=1)
+def mm_tokenizer_dir() -> Path:
+    """The 512-id test tokenizer (with chat template) whose image/audio/video tokens sit at the tiny
+    checkpoints' ids, made once per process."""
+    out = Path(tempfile.mkdtemp(prefix="mm-tokenizer-"))
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@lru_cache(maxsize=1)
+def mm_processor():
+    """Our Processor over mm_tokenizer_dir()."""
+    from mlx_gemma4.processing import Processor
+
+    return Processor.from_pretrained(mm_tokenizer_dir())
 
 
 @lru_cache(maxsize=2)
@@ -135,4 +146,3 @@ def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cw
                           env=env, cwd=cwd or ROOT)
 
 
-__all__ = ["hf_processor", "make_mm_tokenizer", "picture", "tone", "StaticServer", "run_limited", "resource"]

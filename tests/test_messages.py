@@ -5,7 +5,6 @@ bytes, base64), interleaved with text in any turn; the images=/audio= keywords; 
 from __future__ import annotations
 
 import base64
-import io
 import re
 from pathlib import Path
 
@@ -14,21 +13,20 @@ import pytest
 from PIL import Image
 
 import checkpoints
-from hardening_fixtures import StaticServer, hf_processor, make_mm_tokenizer, picture, tone
+from hardening_fixtures import StaticServer, hf_processor, mm_processor, mm_tokenizer_dir, picture, tone
 from mlx_gemma4.errors import MediaError
-from mlx_gemma4.processing import Processor
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def mm_dir(tmp_path_factory):
-    return make_mm_tokenizer(tmp_path_factory.mktemp("mm-tokenizer"))
+def mm_dir():
+    return mm_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")
-def processor(mm_dir):
-    return Processor.from_pretrained(mm_dir)
+def processor():
+    return mm_processor()
 
 
 @pytest.fixture(scope="module")

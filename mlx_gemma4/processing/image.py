@@ -23,18 +23,17 @@ Budgets (`max_soft_tokens`): 70, 140, 280 (default), 560, 1120, selectable per c
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
+from .media import file_or_bytes
 
 SUPPORTED_SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280
@@ -59,17 +58,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 def open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
     """Open an image file (or the encoded bytes of one) with Pillow, fully decoded and turned upright by its
     EXIF orientation. Images of more than MAX_IMAGE_PIXELS pixels are refused before they are decoded."""
-    if isinstance(source, (bytes, bytearray)):
-        what, handle = f"image ({len(source)} bytes)", io.BytesIO(bytes(source))
-        if not source:
-            raise MediaError("image bytes are empty")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"Image file not found: {path}")
-        if not path.is_file():
-            raise MediaError(f"Image path is not a file: {path}")
-        what, handle = f"image {path}", path
+    what, handle = file_or_bytes(source, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below

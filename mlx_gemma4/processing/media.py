@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import re
 import time
+from pathlib import Path
 
 from ..errors import MediaError
 
@@ -109,3 +111,18 @@ def resolve_source(item):
     if isinstance(source, str) and not source.strip():
         raise MediaError(f"{item.where}: the {item.kind} path is empty")
     return source
+
+
+def file_or_bytes(source, kind: str):
+    """(description for messages, what to open) for a media file path or encoded bytes: FileNotFoundError for a
+    missing path, MediaError for a directory or empty bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise MediaError(f"{kind} bytes are empty")
+        return f"{kind} ({len(source)} bytes)", io.BytesIO(bytes(source))
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{kind.capitalize()} file not found: {path}")
+    if not path.is_file():
+        raise MediaError(f"{kind.capitalize()} path is not a file: {path}")
+    return f"{kind} {path}", path

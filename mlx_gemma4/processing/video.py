@@ -21,7 +21,6 @@ PyAV is optional: `pip install mlx-gemma4[video]`.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MediaError
+from .media import file_or_bytes
 from .image import (BOI_TOKEN, EOI_TOKEN, MAX_IMAGE_PIXELS, PATCH_SIZE, POOLING_KERNEL_SIZE, ImageLike, check_budget,
                     load_image, pad_patches, patch_positions, patchify, target_size)
 
@@ -96,15 +96,8 @@ def read_video(source: str | os.PathLike | bytes, num_frames: int | None = DEFAU
     """Decode the sampled frames of a video file (or its bytes) to RGB with PyAV (transformers'
     read_video_pyav)."""
     av = _import_av()
-    if isinstance(source, (bytes, bytearray)):
-        what, handle = f"video ({len(source)} bytes)", io.BytesIO(bytes(source))
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"Video file not found: {path}")
-        if not path.is_file():
-            raise MediaError(f"Video path is not a file: {path}")
-        what, handle = f"video {path}", str(path)
+    what, handle = file_or_bytes(source, "video")
+    handle = str(handle) if isinstance(handle, Path) else handle
     try:
         with av.open(handle) as container:
             if not container.streams.video:
