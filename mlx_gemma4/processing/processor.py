@@ -183,7 +183,7 @@ class Processor:
         text = self.render_prompt(messages, tools=tools, enable_thinking=enable_thinking,
                                   add_generation_prompt=add_generation_prompt,
                                   sanitize_control_tokens=sanitize_control_tokens)
-        expansions, media = self._process_media(items, max_soft_tokens)
+        expansions, media = self.process_media(items, max_soft_tokens)
         return self.encode_prompt_text(text, expansions, sanitize_control_tokens=sanitize_control_tokens), media
 
     def render_prompt(self, messages, *, tools=None, enable_thinking: bool = False, add_generation_prompt: bool = True,
@@ -216,8 +216,10 @@ class Processor:
             raise ValueError(f"this tokenizer has no {kind} tokens, so the model takes no {kind} input")
         return tokens
 
-    def _process_media(self, items: list[MediaItem], max_soft_tokens: int | None) -> tuple[dict, dict]:
-        """({kind: [placeholder expansion per input]}, media arrays for model.prepare_inputs)."""
+    def process_media(self, items: list[MediaItem], max_soft_tokens: int | None) -> tuple[dict, dict]:
+        """({kind: [placeholder expansion per input]}, media arrays for model.prepare_inputs) of media items
+        (processing.messages.split_media) that all carry their media."""
+        assign_keyword_media(items, {})  # a bare item is an error here
         by_kind = {kind: [it for it in items if it.kind == kind] for kind in MEDIA_KINDS}
         expansions: dict[str, list[str]] = {}
         media: dict = {}
