@@ -98,7 +98,9 @@ def _normalize_messages(messages) -> list[dict]:
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
-            raise ValueError(f"message {i} must be a dict with a 'role' key, got {message!r}")
+            raise ValueError(f"message {i} must be a dict with a 'role' key, got {message!r:.200}")
+        if not isinstance(message["role"], str):
+            raise ValueError(f"message {i}: the role must be a string, got {message['role']!r:.80}")
         message = {k: v for k, v in message.items() if v is not None}
         reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
         if reasoning is not None:
