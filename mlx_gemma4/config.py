@@ -21,7 +21,8 @@ from .errors import ConfigError
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text")
+SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text", "gemma4_unified_text")
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "proportional", "linear")
 
@@ -164,6 +165,9 @@ class TextConfig:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
     use_bidirectional_attention: str | None = None
+    # With use_bidirectional_attention="vision": Gemma 4 lets an image's tokens see each other on sliding layers
+    # only, within the window; the 12B (gemma4_unified) on every layer, whatever the window (as Gemma 3).
+    vision_blocks_on_all_layers: bool = False
     pad_token_id: int = 0
     max_position_embeddings: int = 131072
     # Gemma 3 conventions expressed as configuration of the same decoder.
@@ -184,10 +188,18 @@ class TextConfig:
         if layer < self.first_kv_shared_layer:
             return layer
         kind = self.layer_types[layer]
+        try:
+            return self.last_kv_layer(kind)
+        except ConfigError:
+            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV") from None
+
+    def last_kv_layer(self, kind: str) -> int:
+        """The last layer of type `kind` with a cache of its own: the KV that shared layers and MTP drafters read
+        (transformers' kv_sharing_modes "store")."""
         for j in range(self.first_kv_shared_layer - 1, -1, -1):
             if self.layer_types[j] == kind:
                 return j
-        raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
+        raise ConfigError(f"no {kind} layer owns a KV cache")
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer
@@ -207,8 +219,9 @@ class TextConfig:
             raise ConfigError(
                 f"text model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})"
             )
-        parse = _parse_gemma3 if model_type == "gemma3_text" else _parse_gemma4
-        return parse(dict(d), where)
+        if model_type == "gemma3_text":
+            return _parse_gemma3(dict(d), where)
+        return _parse_gemma4(dict(d), where, unified=model_type == "gemma4_unified_text")
 
 
 def _check_activation(d: dict) -> None:
@@ -282,8 +295,20 @@ def _head_dim(d: dict, key: str, default, where: str) -> int:
     return value
 
 
-def _parse_gemma4(d: dict, where: str = "") -> TextConfig:
+# The 12B's decoder (gemma4_unified_text) is Gemma 4's without per-layer embeddings and MoE.
+_NOT_IN_UNIFIED = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+                   "top_k_experts", "moe_intermediate_size")
+
+
+def _parse_gemma4(d: dict, where: str = "", unified: bool = False) -> TextConfig:
     _check_unknown(d, _GEMMA4_KEYS)
+    if unified:
+        bad = {k: d[k] for k in _NOT_IN_UNIFIED if d.get(k) not in (None, False, 0)}
+        if bad:
+            raise ConfigError(f"gemma4_unified_text has no per-layer embeddings or MoE, but the config sets {bad}")
+        # transformers' Gemma4UnifiedTextConfig defaults: vision tokens attend bidirectionally, 256K positions
+        d.setdefault("use_bidirectional_attention", "vision")
+        d.setdefault("max_position_embeddings", 262144)
     _check_activation(d)
     n_layers = _int(d, "num_hidden_layers", 1, MAX_LAYERS, where=where)
     layer_types = _layer_types(d, n_layers, 6, where)
@@ -357,7 +382,7 @@ def _parse_gemma4(d: dict, where: str = "") -> TextConfig:
     n_shared = _int(d, "num_kv_shared_layers", 0, n_layers - 1, 0, where=where)
 
     cfg = TextConfig(
-        model_type="gemma4_text",
+        model_type="gemma4_unified_text" if unified else "gemma4_text",
         **_shared_fields(d, where),
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
@@ -375,6 +400,7 @@ def _parse_gemma4(d: dict, where: str = "") -> TextConfig:
         top_k_experts=top_k,
         moe_intermediate_size=moe_width,
         use_bidirectional_attention=bidir,
+        vision_blocks_on_all_layers=unified and bidir == "vision",
         max_position_embeddings=_int(d, "max_position_embeddings", 1, MAX_POSITIONS, 131072, where=where),
     )
     for i in range(n_layers):
@@ -476,7 +502,10 @@ class ModelConfig:
         quant = d.get("quantization")
         if quant is not None:
             _dict(quant, "quantization")
-        if model_type in ("gemma4", "gemma3"):
+        if model_type in DRAFTER_TYPES:
+            raise ConfigError(f"this is a {model_type} checkpoint: an MTP drafter, not a model of its own; load it "
+                              "with load_drafter(path) (or --draft-model) next to its target model")
+        if model_type in ("gemma4", "gemma3", "gemma4_unified"):
             if "text_config" not in d:
                 raise ConfigError(f"{model_type} config has no text_config")
             text_d = dict(_dict(d["text_config"], "text_config"))
@@ -512,8 +541,8 @@ class ModelConfig:
             text = TextConfig.from_dict(d)
             return cls(text=text, eos_token_ids=_token_ids(d, "eos_token_id"), quantization=quant, raw=d)
         raise ConfigError(
-            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, and the "
-            "Gemma 3 text subset gemma3_text)"
+            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, gemma4_unified, "
+            "gemma4_unified_text, and the Gemma 3 text subset gemma3_text)"
         )
 
 

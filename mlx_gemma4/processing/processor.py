@@ -88,6 +88,7 @@ class Processor:
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
     processor_config: dict = field(default_factory=dict)  # processor_config.json, if any
+    model_type: str = "gemma4"  # gemma4_unified (12B) takes merged image patches and raw waveform frames
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
@@ -99,7 +100,8 @@ class Processor:
         proc_file = directory / "processor_config.json"
         return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=read_json(proc_file) if proc_file.is_file() else {})
+                   processor_config=read_json(proc_file) if proc_file.is_file() else {},
+                   model_type=getattr(config, "model_type", None) or "gemma4")
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
@@ -224,19 +226,14 @@ class Processor:
         expansions: dict[str, list[str]] = {}
         media: dict = {}
         if by_kind["image"]:
-            from .image import ImageProcessor
-
-            processor = ImageProcessor.from_dict(self.processor_config.get("image_processor", {}))
-            features = processor([resolve_source(it) for it in by_kind["image"]], max_soft_tokens)
+            features = self.image_processor()([resolve_source(it) for it in by_kind["image"]], max_soft_tokens)
             token, begin, end = self._placeholder_tokens("image")
             expansions["image"] = [begin + token * n + end for n in features.num_soft_tokens]
             media.update(pixel_values=features.pixel_values, image_position_ids=features.position_ids)
         if by_kind["audio"]:
-            from .audio import AudioFeatureExtractor, prepare_waveform
+            from .audio import prepare_waveform
 
-            config = self.processor_config.get("feature_extractor")
-            extractor = AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
-            features = extractor([prepare_waveform(resolve_source(it)) for it in by_kind["audio"]])
+            features = self.audio_feature_extractor()([prepare_waveform(resolve_source(it)) for it in by_kind["audio"]])
             token, begin, end = self._placeholder_tokens("audio")
             expansions["audio"] = [begin + token * int(n) + end for n in features.num_soft_tokens]
             media.update(input_features=features.features, input_features_mask=features.mask)
@@ -251,6 +248,27 @@ class Processor:
             media.update(pixel_values_videos=np.concatenate([v.pixel_values for v in videos]),
                          video_position_ids=np.concatenate([v.position_ids for v in videos]))
         return expansions, media
+
+    def image_processor(self):
+        """The checkpoint's image processor (processor_config.json's settings, else the published defaults)."""
+        config = self.processor_config.get("image_processor", {})
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedImageProcessor
+
+            return UnifiedImageProcessor.from_dict(config)
+        from .image import ImageProcessor
+
+        return ImageProcessor.from_dict(config)
+
+    def audio_feature_extractor(self):
+        config = self.processor_config.get("feature_extractor")
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedAudioFeatureExtractor
+
+            return UnifiedAudioFeatureExtractor.from_dict(config or {})
+        from .audio import AudioFeatureExtractor
+
+        return AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
 
     def _expand_placeholders(self, pieces: list[tuple[str, bool]],
                              expansions: dict[str, list[str]]) -> list[tuple[str, bool]]:
