@@ -123,6 +123,14 @@ def mutated(draw, base, max_mutations: int = 3):
     return value
 
 
+def write_new(path: Path, data: bytes) -> None:
+    """Replace path's content through a new file (a new inode): arrays still memory-mapped from the previous
+    example keep reading the old bytes instead of changing (or faulting) under them."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _fixture(name: str) -> Path:
     value = os.environ.get(name)
     if not value:
@@ -167,7 +175,7 @@ def fuzz_checkpoint():
 
     @given(mutated(base, 3))
     def check(config):
-        (work / "config.json").write_text(json.dumps(config))
+        write_new(work / "config.json", json.dumps(config).encode())
         documented_or_works(load, work, lazy=True)
 
     check()
@@ -195,7 +203,7 @@ def fuzz_safetensors():
     def check(new_header, length_delta, keep_length):
         blob = json.dumps(new_header).encode()
         length = len(blob) if keep_length else max(0, len(blob) + length_delta)
-        (work / "model.safetensors").write_bytes(struct.pack("<Q", length) + blob + data)
+        write_new(work / "model.safetensors", struct.pack("<Q", length) + blob + data)
         documented_or_works(load, work, lazy=True)
 
     check()
@@ -225,7 +233,7 @@ def fuzz_gguf():
         data = bytearray(raw)
         for pos, blob in changes:
             data[pos:pos + len(blob)] = blob
-        work.write_bytes(bytes(data[:len(raw)]))
+        write_new(work, bytes(data[:len(raw)]))
         documented_or_works(load, work, lazy=True)
 
     check()
@@ -264,7 +272,9 @@ def fuzz_prompt_cache():
             new_meta = {"format": str(new_meta)}
         meta_out = {str(k): v if isinstance(v, str) and k == "format" else json.dumps(v)
                     for k, v in new_meta.items()}
-        mx.save_safetensors(str(work), out, metadata=meta_out)
+        tmp = work.with_name("new.safetensors")
+        mx.save_safetensors(str(tmp), out, metadata=meta_out)
+        os.replace(tmp, work)
         documented_or_works(load_prompt_cache, work, model)
 
     check()
