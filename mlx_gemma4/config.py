@@ -10,13 +10,12 @@ Anything the decoder does not implement is an error naming the field, never a si
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -552,12 +551,5 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{file} is {file.stat().st_size} bytes: not a model config (limit {MAX_CONFIG_BYTES})")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise ConfigError(f"{file} is nested too deeply to be a model config") from e
+    d = read_json(file, ConfigError, MAX_CONFIG_BYTES)
     return ModelConfig.from_dict(d)

@@ -146,3 +146,58 @@ def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cw
                           env=env, cwd=cwd or ROOT)
 
 
+
+
+def write_gemma3_gguf(path, *, block_count: int = 1, layers: int = 1, vocab: int = 640, hidden: int = 32,
+                      metadata: dict | None = None) -> Path:
+    """A small but complete llama.cpp gemma3 GGUF (random F32 weights, a `vocab`-token tokenizer) whose
+    `gemma3.block_count` says `block_count` while it holds tensors for `layers` blocks. `metadata`: extra or
+    replacement key -> value (strings, ints, floats, lists) written as they are."""
+    import gguf
+
+    rng = np.random.RandomState(0)
+    heads, kv, head_dim, ffn = 2, 1, 16, 96
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    values = {"gemma3.block_count": block_count, "gemma3.embedding_length": hidden,
+              "gemma3.feed_forward_length": ffn, "gemma3.attention.head_count": heads,
+              "gemma3.attention.head_count_kv": kv, "gemma3.attention.key_length": head_dim,
+              "gemma3.attention.value_length": head_dim, "gemma3.attention.sliding_window": 64,
+              "gemma3.context_length": 2048, "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+              "tokenizer.ggml.model": "llama", "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1}
+    values.update(metadata or {})
+    for key, value in values.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint64(key, value) if value >= 2**32 else writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(vocab - len(tokens))]
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * (vocab - 260)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([-float(i) for i in range(vocab)])
+
+    def tensor(name, *shape):
+        writer.add_tensor(name, (0.02 * rng.randn(*shape)).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden)
+    for i in range(layers):
+        for name, shape in (("attn_norm", (hidden,)), ("attn_q", (heads * head_dim, hidden)),
+                            ("attn_k", (kv * head_dim, hidden)), ("attn_v", (kv * head_dim, hidden)),
+                            ("attn_output", (hidden, heads * head_dim)), ("attn_q_norm", (head_dim,)),
+                            ("attn_k_norm", (head_dim,)), ("post_attention_norm", (hidden,)),
+                            ("ffn_norm", (hidden,)), ("post_ffw_norm", (hidden,)), ("ffn_gate", (ffn, hidden)),
+                            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -105,11 +105,14 @@ def decode_audio(source: AudioSource) -> tuple[np.ndarray, int]:
             rate = f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
+        reason = str(e)
+        if not isinstance(handle, io.BytesIO) and "does not exist" in reason:
+            reason = "not a recognized audio format"  # libsndfile's words for an existing file it cannot parse
         mp3_hint = ""
         if "MP3" not in sf.available_formats():
             mp3_hint = f" (this libsndfile {sf.__libsndfile_version__} cannot read MP3; libsndfile >= 1.1 can)"
         raise AudioError(
-            f"cannot decode {what}: {e}. Supported formats are those libsndfile reads "
+            f"cannot decode {what}: {reason}. Supported formats are those libsndfile reads "
             f"(WAV, FLAC, OGG, MP3, AIFF, ...){mp3_hint}"
         ) from e
     except RuntimeError as e:  # soundfile raises plain RuntimeError for some malformed streams

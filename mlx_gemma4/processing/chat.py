@@ -26,6 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import read_json
+
 BUILTIN_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "gemma4.jinja"
 
 
@@ -40,7 +42,7 @@ def load_chat_template(directory: str | Path | None) -> str:
             return jinja_file.read_text()
         config_file = directory / "tokenizer_config.json"
         if config_file.is_file():
-            template = json.loads(config_file.read_text()).get("chat_template")
+            template = read_json(config_file).get("chat_template")
             if isinstance(template, list):
                 named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default") or next(iter(named.values()), None)

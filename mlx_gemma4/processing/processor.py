@@ -15,7 +15,6 @@ writes one `<|image|>` / `<|audio|>` / `<|video|>` per item, and each becomes `<
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json
 from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking, template_literal_text
 from .messages import (MEDIA_KINDS, MediaItem, assign_keyword_media, control_token_pattern, mark_control_tokens,
                        split_marked, split_media)
@@ -39,19 +38,6 @@ def _ids(value) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else [int(v) for v in value]
-
-
-def read_json(file: Path) -> dict:
-    """A JSON object file; CheckpointError naming the file when it is not one."""
-    try:
-        value = json.loads(file.read_text())
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{file} is not a text (UTF-8) file") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, not a {type(value).__name__}")
-    return value
 
 
 def read_stop_token_ids(directory: Path, tokenizer: Tokenizer, config=None) -> list[int]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from ..errors import CheckpointError, read_json
+
 _PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -47,7 +49,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"cannot read tokenizer {path}: {e}") from e
+            raise CheckpointError(f"cannot read tokenizer {path}: {e}") from e
         special = {}
         for name, tok in gemma4_special_tokens().items():
             content = tok["content"]
@@ -63,7 +65,7 @@ class Tokenizer:
     def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         return cls.from_file(directory / "tokenizer.json", config)
 
     # -- vocabulary -----------------------------------------------------------------------------------------
