@@ -150,7 +150,7 @@ def test_bad_config_fails_at_load_with_the_field(text_checkpoint, tmp_path):
 
 def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+    with pytest.raises(ConfigError, match="config.json is not a text"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ConfigError, match="config.json"):
