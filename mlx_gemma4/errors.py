@@ -40,9 +40,6 @@ class PromptCacheError(InputError):
     """A prompt-cache file that is malformed or does not belong to the model/tokenizer it is used with."""
 
 
-# What a caller that reports bad input as one line catches (the CLI and the app do).
-EXPECTED_ERRORS = (InputError, OSError, TypeError)
-
 
 def read_json(file, error: type[InputError] = None, max_bytes: int = 64 << 20) -> dict:
     """A checkpoint's JSON object file (config.json, tokenizer_config.json, ...): `error` (CheckpointError by

@@ -85,3 +85,40 @@ def test_bad_generation_and_processor_configs(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     with pytest.raises(CheckpointError, match="cannot read tokenizer .*tokenizer.json"):
         Processor.from_pretrained(tmp_path)
+
+
+# ---- resource limits: the config against the checkpoint's tensors, before anything is built ------------------
+CRAFTED_LIMIT = dict(memory_gb=1.0, timeout_s=5.0)
+
+
+def assert_fails_fast(code: str, error: str, message: str):
+    """Run `code` in a subprocess capped at its post-import address space + 1 GiB; it must raise `error` with
+    `message` within 5 s, its peak RSS under 1 GB."""
+    r = run_limited(code, **CRAFTED_LIMIT)
+    stderr = r.stderr
+    assert r.returncode != 0 and f"{error}: " in stderr, stderr[-3000:]
+    assert message in stderr, stderr[-3000:]
+    assert "MemoryError" not in stderr and "Segmentation" not in stderr, stderr[-3000:]
+    elapsed = float(stderr.split("ELAPSED ")[1].split()[0])
+    peak_mb = float(stderr.split("MAXRSS_MB ")[1].split()[0])
+    assert elapsed < CRAFTED_LIMIT["timeout_s"], f"took {elapsed:.1f} s"
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+
+
+def test_gguf_with_a_billion_blocks_fails_fast(tmp_path):
+    """The issue's report: a ~131 KB gemma3 GGUF with block_count = 10**9 grew to 7.5 GB before being killed."""
+    crafted = write_gemma3_gguf(tmp_path / "crafted.gguf", block_count=10**9, layers=1)
+    assert crafted.stat().st_size < 200_000
+    assert_fails_fast(f"from mlx_gemma4 import load\nload({str(crafted)!r})", "ConfigError", "block_count")
+
+
+def test_config_with_100000_layers_fails_fast(chat_checkpoint, tmp_path):
+    """The issue's report: num_hidden_layers = 100000 without layer_types aborted after 27 s (cannot allocate)."""
+    crafted = tmp_path / "crafted"
+    shutil.copytree(chat_checkpoint("e2b"), crafted)
+    config = json.loads((crafted / "config.json").read_text())
+    config.pop("layer_types", None)
+    config.update(num_hidden_layers=100000, num_kv_shared_layers=0)
+    (crafted / "config.json").write_text(json.dumps(config))
+    assert_fails_fast(f"from mlx_gemma4 import load\nload({str(crafted)!r})", "ConfigError",
+                      "num_hidden_layers = 100000 is out of range")
