@@ -40,8 +40,7 @@ class PromptCacheError(InputError):
     """A prompt-cache file that is malformed or does not belong to the model/tokenizer it is used with."""
 
 
-
-def read_json(file, error: type[InputError] = None, max_bytes: int = 64 << 20) -> dict:
+def read_json(file, error: type[InputError] | None = None, max_bytes: int = 64 << 20) -> dict:
     """A checkpoint's JSON object file (config.json, tokenizer_config.json, ...): `error` (CheckpointError by
     default) naming the file when it is too large, not UTF-8, not JSON, nested too deeply or not an object."""
     error = error or CheckpointError
