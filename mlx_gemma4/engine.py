@@ -6,6 +6,9 @@
 
 No tokenizer or processor here: ids in, ids out. `cache` is a `PromptCache` (the model's per-layer caches
 plus the ids they hold); the text API (`generate.py`) and the chat session (`session.py`) build on this.
+
+The context (`max_position_embeddings`) bounds the prompt plus the generated tokens: a prompt that leaves no
+room is refused before any prefill (`ContextError`), and generation stops when the context is full.
 """
 
 from __future__ import annotations
@@ -18,6 +21,29 @@ from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, apply_logits_processors
 
 
+class ContextError(ValueError):
+    """The prompt (with the cached tokens before it) does not fit the model's context."""
+
+
+def context_length(model) -> int:
+    return model.config.text.max_position_embeddings
+
+
+def context_room(model, cache: PromptCache, n_new: int) -> int:
+    """Positions left in the context after the cache's tokens and `n_new` more."""
+    return context_length(model) - len(cache.tokens) - n_new
+
+
+def reply_room(model, cache: PromptCache, n_new: int) -> int:
+    """The most tokens a reply to `n_new` more prompt tokens can have; ContextError when the prompt leaves none."""
+    room = context_room(model, cache, n_new)
+    if room < 1:
+        cached = f" after {len(cache.tokens)} cached tokens" if cache.tokens else ""
+        raise ContextError(f"the prompt is {n_new} tokens{cached}, which leaves no room for a reply in the model's "
+                           f"context of {context_length(model)} tokens")
+    return room
+
+
 def prefill(model, ids: Sequence[int], cache: PromptCache, step_size: int = 512,
             media: dict | None = None) -> mx.array:
     """Run `ids` through the model into the caches, about `step_size` tokens at a time; logits (1, V) of the
@@ -26,6 +52,9 @@ def prefill(model, ids: Sequence[int], cache: PromptCache, step_size: int = 512,
     tokens in `ids`; chunks then never split an image. All but the last chunk evaluate only the caches."""
     if not ids:
         raise ValueError("nothing to prefill: the prompt is empty (or entirely in the prompt cache)")
+    if context_room(model, cache, len(ids)) < 0:
+        raise ContextError(f"{len(ids)} tokens after {len(cache.tokens)} do not fit the model's context of "
+                           f"{context_length(model)} tokens")
     ids_arr = mx.array(list(ids), dtype=mx.int32)[None]  # (1, L)
     if media:
         inputs = model.prepare_inputs(ids_arr, **media)
@@ -50,8 +79,11 @@ def decode_step(model, token: mx.array, cache: PromptCache) -> mx.array:
 def generate_step(model, ids: Sequence[int], cache: PromptCache, sampler, *,
                   logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
                   prefill_step_size: int = 512, media: dict | None = None) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids after prefilling `ids`. Each yielded token except the last is fed
-    back (and recorded in cache.tokens) before it is yielded, so the next step overlaps the caller."""
+    """Yield up to max_tokens sampled ids after prefilling `ids`, fewer when the context fills up first (see
+    `context_room`; a prompt that leaves no room raises ContextError before any prefill). Each yielded token
+    except the last is fed back (and recorded in cache.tokens) before it is yielded, so the next step overlaps
+    the caller."""
+    max_tokens = min(max_tokens, reply_room(model, cache, len(ids)))
     history = mx.array(list(cache.tokens) + list(ids), dtype=mx.int32)[None] if logits_processors else None
 
     def sample(logits: mx.array) -> mx.array:  # (1, V) -> (1,)
