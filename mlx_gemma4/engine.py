@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, apply_logits_processors
@@ -42,6 +43,40 @@ def reply_room(model, cache: PromptCache, n_new: int) -> int:
         raise ContextError(f"the prompt is {n_new} tokens{cached}, which leaves no room for a reply in the model's "
                            f"context of {context_length(model)} tokens")
     return room
+
+
+# The model's media inputs (names as transformers' processor outputs), by the config field of their placeholder
+# token: arrays with one row per run of placeholders in the prompt (an image, a video frame, an audio clip).
+MEDIA_ROWS = {"image_token_id": ("pixel_values", "image_position_ids"),
+              "video_token_id": ("pixel_values_videos", "video_position_ids"),
+              "audio_token_id": ("input_features", "input_features_mask")}
+
+
+def media_after(model, ids: Sequence[int], start: int, media: dict | None) -> dict | None:
+    """The media inputs for the placeholders in ids[start:], what `prefill` needs after a prompt cache holding
+    ids[:start]. `media` may cover every placeholder of `ids` (the rows of items before `start` are dropped: their
+    soft tokens are in the cache) or only those from `start` on. None when no media is left."""
+    if not media or not start:
+        return media or None
+    ids = np.asarray(ids)
+    out = dict(media)
+    for field, names in MEDIA_ROWS.items():
+        token = getattr(model.config, field, None)
+        if token is None or media.get(names[0]) is None:
+            continue
+        is_placeholder = ids == token
+        run_starts = is_placeholder & ~np.concatenate([[False], is_placeholder[:-1]])
+        before, after = int(run_starts[:start].sum()), int(run_starts[start:].sum())
+        kind = field.removesuffix("_token_id")
+        if start < len(ids) and is_placeholder[start] and is_placeholder[start - 1]:
+            raise ValueError(f"the prompt cache ends inside the soft tokens of one {kind} input (at position {start})")
+        rows = len(media[names[0]])
+        if rows == before + after:
+            out.update({n: media[n][before:] if after else None for n in names if media.get(n) is not None})
+        elif rows != after:
+            raise ValueError(f"{rows} {kind} inputs for {before + after} {kind} placeholder runs in the prompt "
+                             f"({before} of them in the prompt cache)")
+    return out if any(v is not None for v in out.values()) else None
 
 
 def prefill(model, ids: Sequence[int], cache: PromptCache, step_size: int = 512,

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
-from .engine import generate_step, reply_room
+from .engine import generate_step, media_after, reply_room
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, make_logits_processors, make_sampler
 
@@ -62,8 +62,10 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
-    prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
-    for token-id prompts whose placeholders are already expanded (see `engine.prefill`). The last chunk carries
+    prompt's ids (only the rest is prefilled; it is updated in place; it is trusted to hold the same media as
+    the prompt's prefix: token ids cannot tell two images of one size apart). `media`: processed image/audio
+    arrays for token-id prompts whose placeholders are already expanded (see `engine.prefill`), for all of them
+    or only for those after the prompt cache (see `engine.media_after`). The last chunk carries
     finish_reason. A prompt that leaves no room in the model's context raises engine.ContextError before any
     prefill; when the context fills up during generation, the reply ends with finish_reason "context"."""
     if max_tokens < 1:
@@ -88,8 +90,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
         warnings.warn("the prompt does not extend the prompt cache's tokens; prefilling it from scratch")
         prompt_cache.caches, prompt_cache.tokens, cached = model.make_cache(), [], 0
     new_ids = ids[cached:]
-    if media and cached:
-        raise ValueError("image/audio prompts cannot start from a prompt cache yet; pass a fresh one")
+    media = media_after(model, ids, cached, media)
 
     limit = min(max_tokens, reply_room(model, prompt_cache, len(new_ids)))  # fails fast on a prompt too long
 
