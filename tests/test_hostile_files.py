@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from hardening_fixtures import mm_processor, run_limited, write_gemma3_gguf
+from hardening_fixtures import mm_processor, run_limited
 from mlx_gemma4.errors import CheckpointError, MediaError
 from mlx_gemma4.processing import Processor
 
@@ -103,13 +103,6 @@ def assert_fails_fast(code: str, error: str, message: str):
     peak_mb = float(stderr.split("MAXRSS_MB ")[1].split()[0])
     assert elapsed < CRAFTED_LIMIT["timeout_s"], f"took {elapsed:.1f} s"
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
-
-
-def test_gguf_with_a_billion_blocks_fails_fast(tmp_path):
-    """The issue's report: a ~131 KB gemma3 GGUF with block_count = 10**9 grew to 7.5 GB before being killed."""
-    crafted = write_gemma3_gguf(tmp_path / "crafted.gguf", block_count=10**9, layers=1)
-    assert crafted.stat().st_size < 200_000
-    assert_fails_fast(f"from mlx_gemma4 import load\nload({str(crafted)!r})", "ConfigError", "block_count")
 
 
 def test_config_with_100000_layers_fails_fast(chat_checkpoint, tmp_path):
