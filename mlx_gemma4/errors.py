@@ -16,6 +16,9 @@ Arguments of the wrong type raise TypeError; files that do not exist raise FileN
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class InputError(ValueError):
     """Input this package cannot use; the message says what is wrong and where."""
@@ -37,5 +40,22 @@ class PromptCacheError(InputError):
     """A prompt-cache file that is malformed or does not belong to the model/tokenizer it is used with."""
 
 
-# What a caller that reports bad input as one line catches (the CLI and the app do).
-EXPECTED_ERRORS = (InputError, OSError, TypeError)
+def read_json(file, error: type[InputError] | None = None, max_bytes: int = 64 << 20) -> dict:
+    """A checkpoint's JSON object file (config.json, tokenizer_config.json, ...): `error` (CheckpointError by
+    default) naming the file when it is too large, not UTF-8, not JSON, nested too deeply or not an object."""
+    error = error or CheckpointError
+    file = Path(file)
+    size = file.stat().st_size
+    if size > max_bytes:
+        raise error(f"{file} is {size} bytes, more than the {max_bytes} a JSON settings file may have")
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{file} is not a text (UTF-8) file: {e}") from e
+    except json.JSONDecodeError as e:
+        raise error(f"{file} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise error(f"{file} is nested too deeply") from e
+    if not isinstance(value, dict):
+        raise error(f"{file} must hold a JSON object, not a {type(value).__name__}")
+    return value
