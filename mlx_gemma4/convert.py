@@ -16,17 +16,15 @@ a multiple of the group size stay in float.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import backend
 from .loading import load_model, resolve_path
+from .safetensors_io import save_shards
 
 # Non-weight files a checkpoint ships that `load` and the processors read.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -41,29 +39,6 @@ def source_dtype(config: dict) -> str:
             if isinstance(d.get(key), str) and d[key] in ("float32", "bfloat16", "float16"):
                 return d[key]
     return "bfloat16"
-
-
-def save_shards(weights: dict[str, mx.array], out: Path, max_shard_bytes: int = 5 << 30) -> list[str]:
-    """Write weights into shards of at most max_shard_bytes (one tensor may exceed it) + an index."""
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name in sorted(weights):
-        w = weights[name]
-        if shards[-1] and size + w.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = w
-        size += w.nbytes
-    names = []
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
-        names.append(file)
-        weight_map.update({k: file for k in shard})
-    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
 
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
@@ -99,32 +74,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.convert",
-                                description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
-    p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None:
-        p.error("--recipe mixed needs --bits")
-    try:
-        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
-    print(f"wrote {out} ({q})", file=sys.stderr)
-    return 0
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import convert_main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(convert_main())

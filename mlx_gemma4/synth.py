@@ -16,34 +16,32 @@ Gemma4ForConditionalGeneration layout (`model.language_model.*`, bf16) for peers
 --layers N keeps the first N entries of the layer pattern (the last one always full attention, as
 transformers requires) and scales the KV-shared tail proportionally, keeping at least one cache-owning
 layer of each attention kind before it. Vision/audio towers are left out (and nulled in config.json)
-unless --towers is given; their tensor list then comes from transformers (a test dependency).
+unless --towers is given; their tensor list then comes from transformers (a test dependency), or, for the
+12B (`--variant 12b`, gemma4_unified), from its encoder-free embedders' shapes.
+
+`--variant e2b-assistant` (e4b-, 26b-a4b-, 31b-, 12b-assistant) writes the MTP drafter of a variant (its
+names are the same in both formats; the centroid head's token_ordering is a random permutation, int64), for
+`load_drafter` and `benchmarks/bench.py --draft-model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .memory import (
-    GROUP_SIZE,
-    VARIANTS,
-    is_quantizable,
-    layer_types_of,
-    load_preset,
-    quantized_specs,
-    text_config_of,
-    text_param_specs,
-)
+from .config import DRAFTER_TYPES, FULL, ModelConfig, last_cache_owner
+from .loading import build_model
+from .memory import GROUP_SIZE, is_quantizable, model_config_of, quantized_specs, text_config_of, text_param_specs
+from .model import is_tower_param
+from .safetensors_io import ShardedWriter
 
 POOL_SIZE = (1 << 22) + 3  # random values reused at random offsets (not a multiple of any row length)
 CHUNK_ELEMENTS = 1 << 24  # elements generated/quantized at once (32 MB of bf16)
-TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,100 +53,29 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     config = copy.deepcopy(config)
     text = text_config_of(config)
     n_orig = text["num_hidden_layers"]
+    if layers is not None and config.get("model_type") in DRAFTER_TYPES:
+        raise ValueError("--layers does not apply to drafters (every layer reads the target's KV)")
     if layers is not None:
         if not 1 <= layers <= n_orig:
             raise ValueError(f"--layers must be between 1 and {n_orig} for this variant, got {layers}")
-        types = layer_types_of(text)[:layers]
-        types[-1] = "full_attention"
-        shared_orig = int(text.get("num_kv_shared_layers") or 0)
-        shared = round(layers * shared_orig / n_orig)
-        # transformers requires every attention kind to have a cache-owning layer before the shared tail
-        while shared > 0 and set(types[: layers - shared]) != set(types):
+        parsed = model_config_of(config).text
+        types = parsed.layer_types[:layers]
+        types[-1] = FULL
+        shared = round(layers * parsed.num_kv_shared_layers / n_orig)
+        # every KV-shared layer needs a cache-owning layer of its kind before the shared tail
+        while shared > 0 and None in (last_cache_owner(types, shared, kind) for kind in types[layers - shared:]):
             shared -= 1
         text.update(num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=shared)
     if vocab is not None:
         if vocab < 8:
             raise ValueError(f"--vocab must be at least 8, got {vocab}")
+        centroids = config.get("num_centroids") if config.get("use_ordered_embeddings") else None
+        if centroids and vocab % centroids:
+            raise ValueError(f"--vocab must be a multiple of the drafter's {centroids} centroids, got {vocab}")
         text["vocab_size"] = vocab
         if "vocab_size_per_layer_input" in text:
             text["vocab_size_per_layer_input"] = vocab
     return config
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Streaming safetensors writer
-
-
-def _tensor_nbytes(shape, dtype: str) -> int:
-    return math.prod(shape) * {"BF16": 2, "F32": 4, "U32": 4}[dtype]
-
-
-class ShardedWriter:
-    """Writes a known list of tensors into safetensors shards whose headers are written up front.
-
-    Each tensor is then filled in order, in row slices, so nothing bigger than a slice is ever in memory."""
-
-    def __init__(self, out: Path, entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int,
-                 metadata: dict | None = None):
-        self.out = out
-        shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-        size = 0
-        for key, shape, dtype in entries:
-            nbytes = _tensor_nbytes(shape, dtype)
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, shape, dtype))
-            size += nbytes
-        n = len(shards)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
-        self.location: dict[str, tuple[int, int, int]] = {}  # key -> (shard, begin, end) in file bytes
-        self.total = 0
-        for shard_index, (fname, tensors) in enumerate(zip(self.files, shards)):
-            header, offset = {}, 0
-            for key, shape, dtype in tensors:
-                nbytes = _tensor_nbytes(shape, dtype)
-                header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            header["__metadata__"] = dict(metadata or {"format": "mlx"})
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            start = 8 + len(raw)
-            with open(out / fname, "wb") as fh:
-                fh.write(struct.pack("<Q", len(raw)) + raw)
-                fh.truncate(start + offset)
-            for key, shape, dtype in tensors:
-                b, e = header[key]["data_offsets"]
-                self.location[key] = (shard_index, start + b, start + e)
-            self.total += offset
-        self._cursor = {key: loc[1] for key, loc in self.location.items()}
-        self._handles: dict[int, object] = {}
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        shard, _, end = self.location[key]
-        pos = self._cursor[key]
-        if pos + len(data) > end:
-            raise ValueError(f"{key}: writing past the tensor's end")
-        fh = self._handles.get(shard)
-        if fh is None:
-            for other in list(self._handles):  # tensors are written in order: at most one shard stays open
-                self._handles.pop(other).close()
-            fh = self._handles[shard] = open(self.out / self.files[shard], "r+b")
-        fh.seek(pos)
-        fh.write(data)
-        self._cursor[key] = pos + len(data)
-
-    def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
-        short = [k for k, (_, _, end) in self.location.items() if self._cursor[k] != end]
-        if short:
-            raise RuntimeError(f"tensors left incomplete: {short[:5]}")
-        if len(self.files) > 1:
-            weight_map = {key: self.files[loc[0]] for key, loc in self.location.items()}
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,7 +140,9 @@ def _row_slices(shape: tuple[int, ...]):
 
 def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of the vision/audio towers and their projectors, read off transformers' model on the meta
-    device (nothing allocated). Needs transformers (the `test` extra)."""
+    device (nothing allocated). Needs transformers (the `test` extra); the 12B's embedders need nothing."""
+    if config.get("model_type") == "gemma4_unified":
+        return unified_embedder_specs(config)
     try:
         import torch
         from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -224,9 +153,25 @@ def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     specs = []
     for key, tensor in model.state_dict().items():
         name = key.removeprefix("model.")
-        if name.startswith(TOWER_PREFIXES):
+        if is_tower_param(name):
             specs.append((name, tuple(tensor.shape)))
     return specs
+
+
+def unified_embedder_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the 12B's image and audio front ends, read off our module tree (mlx_gemma4.unified; the
+    names are its checkpoint's), built lazily."""
+    model = build_model(ModelConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters()) if is_tower_param(name)]
+
+
+def drafter_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of an MTP drafter, read off mlx_gemma4.drafter's module tree (the same names as its Hugging
+    Face checkpoint), built lazily."""
+    from .drafter import Drafter, DrafterConfig
+
+    model = Drafter(DrafterConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters())]
 
 
 def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
@@ -238,7 +183,7 @@ def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
             entries += q
             plan.append((name, shape, [k for k, _, _ in q]))
         else:
-            entries.append((name, shape, "BF16"))
+            entries.append((name, shape, "I64" if name.endswith("token_ordering") else "BF16"))
             plan.append((name, shape, None))
     return entries, plan
 
@@ -256,14 +201,18 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
-    specs = text_param_specs(text_config_of(config))
-    if towers:
-        specs += tower_param_specs(config)
+    drafter = config.get("model_type") in DRAFTER_TYPES
+    if drafter:
+        specs = drafter_param_specs(config)
     else:
-        config["vision_config"] = None
-        config["audio_config"] = None
+        specs = text_param_specs(config)
+        if towers:
+            specs += tower_param_specs(config)
+        else:
+            config["vision_config"] = None
+            config["audio_config"] = None
     entries, plan = checkpoint_entries(specs, bits, group_size)
-    prefix = "model." if fmt == "hf" else ""
+    prefix = "model." if fmt == "hf" and not drafter else ""
     entries = [(prefix + key, shape, dtype) for key, shape, dtype in entries]
     writer = ShardedWriter(out, entries, shard_bytes, metadata={"format": "mlx" if fmt == "mlx" else "pt"})
 
@@ -273,6 +222,9 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     for name, shape, qkeys in plan:
         for rows, row in _row_slices(shape):
             n = rows * row
+            if name.endswith("token_ordering"):  # the centroid head's vocabulary order: a permutation
+                writer.write(prefix + name, values.rng.permutation(n).astype(np.int64).tobytes())
+                continue
             if qkeys is None:
                 writer.write(prefix + name, values.float_bits(name, n).tobytes())
                 continue
@@ -289,27 +241,7 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mlx_gemma4.synth", description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", required=True, choices=VARIANTS)
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--layers", type=int, help="keep only the first N layers (pattern and KV sharing kept)")
-    ap.add_argument("--vocab", type=int, help="smaller vocabulary (mlx-lm's gemma4 needs the real 262144)")
-    ap.add_argument("--bits", type=int, choices=(4, 8), help="quantize matrices (mlx format only)")
-    ap.add_argument("--format", default="mlx", choices=("mlx", "hf"), dest="fmt")
-    ap.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GB")
-    ap.add_argument("--towers", action="store_true", help="also write the vision/audio towers (needs transformers)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        config = shrink_config(load_preset(args.variant), args.layers, args.vocab)
-        out = write_checkpoint(config, args.out, bits=args.bits, fmt=args.fmt, towers=args.towers, seed=args.seed,
-                               shard_bytes=int(args.shard_gb * 1e9))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import synth_main
 
-
-if __name__ == "__main__":
-    main()
+    raise SystemExit(synth_main())

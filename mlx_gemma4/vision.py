@@ -49,6 +49,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS, check_float,
+                     check_int)
+from .errors import ConfigError
 from .multimodal import ClippableLinear, MultimodalEmbedder
 from .norm import RMSNorm
 
@@ -78,34 +81,45 @@ class VisionConfig:
         """Parse an HF `vision_config` dict; unknown bookkeeping keys are ignored, unsupported values raise."""
         model_type = d.get("model_type", "gemma4_vision")
         if model_type != "gemma4_vision":
-            raise ValueError(f"vision_config.model_type must be 'gemma4_vision', got {model_type!r}")
+            raise ConfigError(f"vision_config.model_type must be 'gemma4_vision', got {model_type!r}")
         if d.get("attention_bias"):
-            raise ValueError("vision_config.attention_bias=True is not supported (Gemma 4 has no attention biases)")
+            raise ConfigError("vision_config.attention_bias=True is not supported (Gemma 4 has no attention biases)")
         if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ValueError(f"Unsupported vision hidden_activation {d['hidden_activation']!r} "
+            raise ConfigError(f"Unsupported vision hidden_activation {d['hidden_activation']!r} "
                              "(only 'gelu_pytorch_tanh' is implemented)")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError("config field vision_config.rope_parameters must be a JSON object")
         # transformers reads rope_type "default" in a vision config as "axial"
         if rope.get("rope_type", "axial") not in ("axial", "default"):
-            raise ValueError(f"Unsupported vision rope_type {rope['rope_type']!r} (only axial 2-D RoPE)")
+            raise ConfigError(f"Unsupported vision rope_type {rope['rope_type']!r} (only axial 2-D RoPE)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if "rope_theta" in rope:
-            kwargs["rope_theta"] = float(rope["rope_theta"])
+            kwargs["rope_theta"] = rope["rope_theta"]
         config = cls(**kwargs)
         config.validate()
         return config
 
     def validate(self) -> None:
+        """Every field range-checked (ConfigError naming the field and its allowed range)."""
+        name = "vision_config."
+        for key, lo, hi in (("hidden_size", 1, MAX_HIDDEN_SIZE), ("intermediate_size", 1, MAX_INTERMEDIATE_SIZE),
+                            ("num_hidden_layers", 1, MAX_LAYERS), ("num_attention_heads", 1, MAX_HEADS),
+                            ("num_key_value_heads", 1, MAX_HEADS), ("head_dim", 4, MAX_HEAD_DIM),
+                            ("pooling_kernel_size", 1, 64), ("patch_size", 1, 1024),
+                            ("position_embedding_size", 1, 1 << 20), ("default_output_length", 1, 1 << 16)):
+            setattr(self, key, check_int(name + key, getattr(self, key), lo, hi))
+        self.rms_norm_eps = check_float(name + "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, lo_open=True)
+        self.rope_theta = check_float(name + "rope_theta", self.rope_theta, 0.0, None, lo_open=True)
+        for key in ("use_clipped_linears", "standardize"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config field {name}{key} must be true or false, got {getattr(self, key)!r}")
         if self.head_dim % 4:
-            raise ValueError(f"vision head_dim must be divisible by 4 for 2-D RoPE, got {self.head_dim}")
+            raise ConfigError(f"vision_config.head_dim must be divisible by 4 for 2-D RoPE, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"vision num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "pooling_kernel_size",
-                     "position_embedding_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"vision {name} must be positive, got {getattr(self, name)}")
+            raise ConfigError(f"vision_config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
 
 
 def axial_rope_angles(position_ids: mx.array, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
@@ -148,15 +162,15 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
-        B, P, _ = x.shape
+        B, P, _ = x.shape  # x (B images, P patches, hidden)
         q = self.q_norm(self.q_proj(x).reshape(B, P, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(B, P, self.num_kv_heads, self.head_dim))
         v = self.v_norm(self.v_proj(x).reshape(B, P, self.num_kv_heads, self.head_dim))
-        q = apply_axial_rope(q, cos, sin).transpose(0, 2, 1, 3)
-        k = apply_axial_rope(k, cos, sin).transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))
+        q = apply_axial_rope(q, cos, sin).transpose(0, 2, 1, 3)  # (B, heads, P, D)
+        k = apply_axial_rope(k, cos, sin).transpose(0, 2, 1, 3)  # (B, kv_heads, P, D)
+        v = v.transpose(0, 2, 1, 3)  # (B, kv_heads, P, D)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)  # (B, heads, P, D)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))  # (B, P, hidden)
 
 
 class MLP(nn.Module):
@@ -267,14 +281,14 @@ class VisionTower(nn.Module):
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(B, P, 3*p*p) pixels in [0, 1], (B, P, 2) positions -> (total soft tokens, hidden)."""
         _check_inputs(pixel_values, position_ids, self.config)
-        valid = mx.logical_not(mx.all(position_ids == -1, axis=-1))
-        x = self.patch_embedder(pixel_values, position_ids, valid)
-        x = self.encoder(x, position_ids, valid)
-        pooled, counts = self.pool(x, position_ids, valid)
+        valid = mx.logical_not(mx.all(position_ids == -1, axis=-1))  # (B, P): real patch, not padding
+        x = self.patch_embedder(pixel_values, position_ids, valid)  # (B, P, hidden)
+        x = self.encoder(x, position_ids, valid)  # (B, P, hidden)
+        pooled, counts = self.pool(x, position_ids, valid)  # (B, P / k^2, hidden), (B, P / k^2)
         pooled = pooled * math.sqrt(self.config.hidden_size)
         # Drop padding cells (data-dependent shape: gather the indices of the cells that received patches).
         keep = np.flatnonzero(np.array(counts).reshape(-1) > 0)
-        soft = pooled.reshape(-1, pooled.shape[-1])[mx.array(keep)]
+        soft = pooled.reshape(-1, pooled.shape[-1])[mx.array(keep)]  # (soft tokens of all images, hidden)
         if self.config.standardize:
             soft = (soft - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return soft.astype(x.dtype)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from mlx_gemma4 import memory
+from mlx_gemma4 import cli, memory
 
 GiB = memory.GiB
 
@@ -26,15 +26,22 @@ def test_text_parameter_counts_match_reference(variant):
 
 
 def test_layer_geometry_of_published_variants():
-    e2b = memory.layer_geometry(memory.load_preset("e2b")["text_config"])
-    assert [g.index for g in e2b if not g.sliding] == [4, 9, 14, 19, 24, 29, 34]
-    assert [g.index for g in e2b if g.kv_shared] == list(range(15, 35))
-    assert {g.mlp_intermediate for g in e2b if g.kv_shared} == {12288}
-    assert {g.mlp_intermediate for g in e2b if not g.kv_shared} == {6144}
-    moe = memory.layer_geometry(memory.load_preset("26b-a4b")["text_config"])
-    full = [g for g in moe if not g.sliding]
-    assert {(g.head_dim, g.kv_heads, g.k_eq_v) for g in full} == {(512, 2, True)}
-    assert {(g.head_dim, g.kv_heads, g.k_eq_v) for g in moe if g.sliding} == {(256, 8, False)}
+    """The planner's geometry is the loader's (TextConfig of the parsed config)."""
+    e2b = memory.model_config_of(memory.load_preset("e2b")).text
+    layers = range(e2b.num_hidden_layers)
+    assert [i for i in layers if e2b.layer_types[i] != "sliding_attention"] == [4, 9, 14, 19, 24, 29, 34]
+    assert [i for i in layers if e2b.is_kv_shared(i)] == list(range(15, 35))
+    assert {e2b.mlp_width(i) for i in layers if e2b.is_kv_shared(i)} == {12288}
+    assert {e2b.mlp_width(i) for i in layers if not e2b.is_kv_shared(i)} == {6144}
+    moe = memory.model_config_of(memory.load_preset("26b-a4b")).text
+
+    def geometry(i):
+        return moe.layer_head_dims[i], moe.layer_kv_heads[i], not moe.has_value_proj(i)
+
+    full = [i for i, kind in enumerate(moe.layer_types) if kind != "sliding_attention"]
+    sliding = [i for i, kind in enumerate(moe.layer_types) if kind == "sliding_attention"]
+    assert {geometry(i) for i in full} == {(512, 2, True)}
+    assert {geometry(i) for i in sliding} == {(256, 8, False)}
 
 
 def test_kv_cache_sliding_constant_full_linear_shared_free():
@@ -61,13 +68,6 @@ def test_kv_cache_k_eq_v_layers_store_keys_and_values():
     assert kv["full"] == 5 * 2 * 2 * 512 * 4096 * 2
 
 
-def test_quantized_kv_cache_is_smaller():
-    text = memory.load_preset("31b")["text_config"]
-    full = memory.kv_cache_bytes(text, 32768, dtype_bytes=2)["full"]
-    q8 = memory.kv_cache_bytes(text, 32768, dtype_bytes=2, kv_bits=8)["full"]
-    assert q8 == pytest.approx(full * (1 + 4 / 64) / 2, rel=1e-6)
-
-
 def test_weights_at_each_precision():
     config = memory.load_preset("26b-a4b")
     e16 = memory.estimate(config, 512, bits=16, dtype="bfloat16")
@@ -83,11 +83,11 @@ def test_weights_at_each_precision():
 def test_fits_verdict_and_cli(capsys):
     e = memory.estimate(memory.load_preset("e4b"), 8192, bits=4, dtype="bfloat16")
     assert e.fits(24 * GiB) and not e.fits(2 * GiB)
-    memory.main(["--model", "google/gemma-4-E4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
+    cli.memory_main(["--model", "google/gemma-4-E4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
                  "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert "fits in 24 GiB" in out and "NOT" not in out
-    memory.main(["--model", "31b", "--context", "131072", "--bits", "16", "--ram", "24", "--dtype", "bfloat16"])
+    cli.memory_main(["--model", "31b", "--context", "131072", "--bits", "16", "--ram", "24", "--dtype", "bfloat16"])
     assert "does NOT fit in 24 GiB" in capsys.readouterr().out
 
 
@@ -116,7 +116,7 @@ def test_resolves_ids_variants_and_directories(tmp_path):
     assert loaded == config and directory == tmp_path
 
 
-def test_bad_input_is_named(tmp_path):
+def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="neither a local directory nor a known"):
         memory.resolve_model("llama-3-8b")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -130,8 +130,8 @@ def test_bad_input_is_named(tmp_path):
         memory.estimate(config, 10, dtype="int8")
     with pytest.raises(ValueError, match="text decoder"):
         memory.estimate({"model_type": "gemma4"}, 10)
-    with pytest.raises(SystemExit, match="neither a local directory"):
-        memory.main(["--model", "nope", "--context", "10"])
+    assert cli.memory_main(["--model", "nope", "--context", "10"]) == 1
+    assert "neither a local directory" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="safetensors"):
         memory.safetensors_bytes(tmp_path)
 
