@@ -201,15 +201,19 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | 
                group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
                weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
     config = load_config(path)
+    processor = load_processor(path, config) if quantize else None  # tokenizes the calibration text
     return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy,
-                              weights_dtype=weights_dtype)
+                              weights_dtype=weights_dtype, processor=processor)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        dtype: mx.Dtype | str | None = None, quantize: int | None = None, group_size: int = 64,
                        recipe: str = "uniform", lazy: bool = False, *,
-                       weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
+                       weights_dtype: mx.Dtype | str | None = None, processor=None) -> Gemma4:
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
+
+    quantize/group_size/recipe: see mlx_gemma4.quant (recipe: a name or a quant.Recipe); `processor` tokenizes
+    the calibration text of calibrated recipes.
 
     dtype: the compute dtype (backend.resolve_dtype); weights_dtype: the storage dtype of the text decoder's float
     weight matrices (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute); quantized models ignore it.
@@ -233,9 +237,9 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     if quantize:
         if config.quantization:
             raise ValueError(f"{path} is already quantized ({config.quantization}); quantize=None to load it")
-        plan = quantization_plan(model, quantize, group_size, recipe)
-        apply_quantization(model, plan)
-        config.quantization = plan
+        from .quant import quantize as quantize_weights
+
+        config.quantization = quantize_weights(model, quantize, group_size, recipe, processor)
     if compact != target:
         use_fast_products(model, target)  # products that upcast compact weights (mlx_gemma4.compact)
     model.eval()
@@ -301,7 +305,8 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quan
     for name, value in gguf.iter_weights(gf):
         weights[name] = mx.array(value).astype(target)
         mx.eval(weights[name])
+    processor = gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
     model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy,
-                               weights_dtype=weights_dtype)
-    return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
+                               weights_dtype=weights_dtype, processor=processor)
+    return model, processor
 

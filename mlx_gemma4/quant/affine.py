@@ -58,7 +58,7 @@ def _least_squares(w, a, q, Sa, Saw, Saww):
     return s, b, mx.maximum(err, 0.0)
 
 
-def _codes(w, s, b, nmax):
+def codes(w, s, b, nmax):
     safe = mx.where(s == 0, 1.0, s)
     return mx.clip(mx.round((w - b[..., None]) * (1.0 / safe)[..., None]), 0, nmax)
 
@@ -77,7 +77,7 @@ def _fitter(bits: int, weighted: bool):
         best_s, best_b, best_err = None, lo, None
         for m in multipliers:
             s = step * m
-            r = w - _codes(w, s, lo, nmax) * s[..., None] - lo[..., None]
+            r = w - codes(w, s, lo, nmax) * s[..., None] - lo[..., None]
             err = _wsum(a, r * r)
             if best_err is None:
                 best_s, best_err = s, err
@@ -88,7 +88,7 @@ def _fitter(bits: int, weighted: bool):
         Sa = mx.full(lo.shape, w.shape[-1], mx.float32) if a is None else _wsum(a, mx.ones_like(w))
         Saw, Saww = _wsum(a, w), _wsum(a, w * w)
         for _ in range(REFINE_STEPS):
-            s, b, err = _least_squares(w, a, _codes(w, best_s, best_b, nmax), Sa, Saw, Saww)
+            s, b, err = _least_squares(w, a, codes(w, best_s, best_b, nmax), Sa, Saw, Saww)
             better = err < best_err
             best_s, best_b = mx.where(better, s, best_s), mx.where(better, b, best_b)
             best_err = mx.where(better, err, best_err)
@@ -145,5 +145,12 @@ def quantize(w: mx.array, group_size: int = 64, bits: int = 4, importance: mx.ar
     scales, biases = fit_scales(w, bits, group_size, importance)
     scales, biases = scales.astype(dtype), biases.astype(dtype)
     g = w.astype(mx.float32).reshape(*scales.shape, group_size)
-    q = _codes(g, scales.astype(mx.float32), biases.astype(mx.float32), (1 << bits) - 1)
+    q = codes(g, scales.astype(mx.float32), biases.astype(mx.float32), (1 << bits) - 1)
     return pack(q.reshape(w.shape), bits), scales, biases
+
+
+def fake_quantize(w: mx.array, group_size: int, bits: int, importance: mx.array | None = None) -> mx.array:
+    """What `quantize` would store, dequantized back to a float32 matrix of w's shape."""
+    scales, biases = fit_scales(w, bits, group_size, importance)
+    g = w.astype(mx.float32).reshape(*scales.shape, group_size)
+    return (codes(g, scales, biases, (1 << bits) - 1) * scales[..., None] + biases[..., None]).reshape(w.shape)

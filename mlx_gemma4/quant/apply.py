@@ -35,49 +35,56 @@ def bank_spec(qmodule: nn.Module, name: str) -> tuple[int, int, str]:
     return qmodule.bits, qmodule.group_size, getattr(qmodule, "mode", "affine")
 
 
-def importance_of(path: str, name: str, stats: dict[str, InputStats] | None, tied_head: bool) -> mx.array | None:
-    """The per-input-channel importance of a matrix from calibration stats (None: unweighted)."""
+def importance_of(key: str, name: str, stats: dict[str, InputStats] | None, tied_head: bool) -> mx.array | None:
+    """The per-input-channel importance of a module's matrix from calibration stats (None: unweighted)."""
     if not stats:
         return None
-    if path.endswith("embed_tokens") and tied_head or path == "lm_head":
+    if key.endswith("embed_tokens") and tied_head or key == "lm_head":
         key = "lm_head"  # the tied table is also the LM head, whose input is the final hidden state
     elif name == "down_proj":
-        key = path + ".down_proj"
-    else:
-        key = path
+        key += ".down_proj"
     if key not in stats:
         return None
     a = stats[key].mean_sq()
     return a[:, None, :] if a.ndim == 2 else a  # per expert: broadcast over each expert's rows
 
 
+def sub_plan(plan: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The part of a plan under module `prefix`, with paths relative to it."""
+    if not prefix:
+        return plan
+    cut = len(prefix) + 1
+    return {k: v for k, v in plan.items() if k in ("group_size", "bits", "mode")} | {
+        k[cut:]: v for k, v in plan.items() if k.startswith(prefix + ".")}
+
+
 def quantize_model(model: nn.Module, plan: dict[str, Any], stats: dict[str, InputStats] | None = None,
-                   method: str = "fit") -> None:
-    """Quantize `model` in place as `plan` (a `quantization` config entry) says.
+                   method: str = "fit", prefix: str = "", tied_head: bool = True) -> None:
+    """Quantize the float modules of `model` (or of the submodule at `prefix` of the full model, `plan` and
+    `stats` keys being full paths) in place as `plan` (a `quantization` config entry) says.
 
     method: "fit" (scales and biases fitted to the least squared error, weighted by the calibration `stats` when
-    given) or "minmax" (mx.quantize's, what MLX and mlx-lm do)."""
+    given) or "minmax" (mx.quantize's, what MLX and mlx-lm do). tied_head: the token embedding is also the LM head."""
     from ..loading import apply_quantization
 
     if method not in ("fit", "minmax"):
         raise ValueError(f"method must be 'fit' or 'minmax', got {method!r}")
     before = {path: m for path, m in model.named_modules() if hasattr(m, "to_quantized")}
-    apply_quantization(model, plan)
+    apply_quantization(model, sub_plan(plan, prefix))
     if method == "minmax":
         return
-    tied = "lm_head" not in model
     after = dict(model.named_modules())
     for path in list(before):
         float_module = before.pop(path)  # the last reference: freed once this module is done
         qmodule = after.get(path)
         if qmodule is None or qmodule is float_module:
             continue  # left in float
+        key = f"{prefix}.{path}" if prefix else path
         for name, packed, scales, biases in quantized_tensors(qmodule):
             bits, group_size, mode = bank_spec(qmodule, name)
             if mode != "affine":
                 continue  # other modes keep MLX's own quantization
-            w = float_module[name]
-            q, s, b = affine.quantize(w, group_size, bits, importance_of(path, name, stats, tied),
-                                      dtype=qmodule[scales].dtype)
+            q, s, b = affine.quantize(float_module[name], group_size, bits,
+                                      importance_of(key, name, stats, tied_head), dtype=qmodule[scales].dtype)
             qmodule[packed], qmodule[scales], qmodule[biases] = q, s, b
         mx.eval(qmodule.parameters())

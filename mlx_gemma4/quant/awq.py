@@ -27,6 +27,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import affine
 from .calibrate import InputStats
 
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -109,16 +110,26 @@ def _as_input(group: ScaleGroup, x: mx.array) -> mx.array:
     return x[:, None, :] if group.per_expert else x
 
 
+SEARCH_ROWS = 256  # rows of each matrix the alpha search quantizes (evenly spaced; the error is a sample mean)
+
+
+def _sample_rows(w: mx.array) -> mx.array:
+    rows = w.shape[-2]
+    if rows <= SEARCH_ROWS:
+        return w
+    return w[..., mx.arange(0, rows, rows // SEARCH_ROWS)[:SEARCH_ROWS], :]
+
+
 def _scaled_error(group: ScaleGroup, s: mx.array, stats: dict[str, InputStats], bits: int,
                   group_size: int) -> mx.array:
-    """Σ over the group's matrices of the activation-weighted error of quantizing W·s, in the original units."""
+    """Σ over the group's matrices (sampled rows) of the activation-weighted error of quantizing W·s with the
+    fitted quantizer, in the original units: Σ_j a_j / s_j² · (W_ij s_j - Q(W s)_ij)²."""
     total = mx.array(0.0)
     sc = _as_input(group, group.expand(s))
     for (module, name), key in zip(group.matrices, group.stats_keys):
-        a = _as_input(group, stats[key].mean_sq())
-        ws = getattr(module, name).astype(mx.float32) * sc
-        deq = mx.dequantize(*mx.quantize(ws, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
-        total = total + ((ws - deq) ** 2 * (a / (sc * sc))).sum()
+        importance = _as_input(group, stats[key].mean_sq()) / (sc * sc)
+        ws = _sample_rows(getattr(module, name).astype(mx.float32)) * sc
+        total = total + ((ws - affine.fake_quantize(ws, group_size, bits, importance)) ** 2 * importance).sum()
     return total
 
 
@@ -139,7 +150,7 @@ def apply_scale(group: ScaleGroup, s: mx.array, stats: dict[str, InputStats]) ->
     """Fold s into the producer, multiply the matrices' input channels by it, and rescale their input stats."""
     group.fold(s)
     sc = group.expand(s)
-    for (module, name), key in zip(group.matrices, group.stats_keys):
+    for module, name in group.matrices:
         w = getattr(module, name)
         setattr(module, name, (w.astype(mx.float32) * _as_input(group, sc)).astype(w.dtype))
     for key in set(group.stats_keys):
@@ -147,14 +158,13 @@ def apply_scale(group: ScaleGroup, s: mx.array, stats: dict[str, InputStats]) ->
         stats[key] = InputStats(st.sum_sq / (sc * sc), st.sum_abs / sc, st.count)
 
 
-def awq(model: nn.Module, stats: dict[str, InputStats], bits: int, group_size: int) -> int:
-    """Search and fold scales for every decoder layer; returns how many groups were scaled."""
+def scale_layer(layer: nn.Module, prefix: str, stats: dict[str, InputStats], bits: int, group_size: int) -> int:
+    """Search and fold the scales of one decoder layer; returns how many groups were scaled."""
     scaled = 0
-    for i, layer in enumerate(model.language_model.layers):
-        for group in scale_groups(layer, f"language_model.layers.{i}", stats):
-            s = search_scale(group, stats, bits, group_size)
-            if s is not None:
-                apply_scale(group, s, stats)
-                mx.eval(model.language_model.layers[i].parameters())
-                scaled += 1
+    for group in scale_groups(layer, prefix, stats):
+        s = search_scale(group, stats, bits, group_size)
+        if s is not None:
+            apply_scale(group, s, stats)
+            mx.eval(layer.parameters())
+            scaled += 1
     return scaled

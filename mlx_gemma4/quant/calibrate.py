@@ -69,7 +69,7 @@ class InputStats:
         return InputStats(self.sum_sq + other.sum_sq, self.sum_abs + other.sum_abs, self.count + other.count)
 
 
-def _stats(x: mx.array) -> InputStats:
+def input_stats(x: mx.array) -> InputStats:
     x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
     return InputStats((x * x).sum(0), mx.abs(x).sum(0), mx.array([x.shape[0]], mx.float32))
 
@@ -104,37 +104,54 @@ def _down_inputs_stats(experts, x: mx.array, indices: mx.array) -> InputStats:
     return InputStats(mx.stack(sum_sq), mx.stack(sum_abs), mx.array(count, mx.float32)[:, None])
 
 
-def _recording_call(cls, path: str, record):
+_paused = 0  # > 0 while observed modules are being re-run by a hook (no recording, no nested hooks)
+
+
+@contextlib.contextmanager
+def unobserved():
+    """Observed modules behave as their own class inside this block (hooks may re-run what they observe)."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+
+
+def _observed_call(cls, path: str, before, after):
     def __call__(self, *args, **kwargs):
-        record(path, self, args)
-        return cls.__call__(self, *args, **kwargs)
+        if _paused:
+            return cls.__call__(self, *args, **kwargs)
+        if before is not None:
+            before(path, self, args)
+        out = cls.__call__(self, *args, **kwargs)
+        if after is not None:
+            with unobserved():
+                after(path, self, args, out)
+        return out
 
     return __call__
 
 
 @contextlib.contextmanager
-def observe(modules: dict[str, nn.Module], record):
-    """While active, every call of modules[path] first calls record(path, module, args)."""
+def observe(modules: dict[str, nn.Module], before=None, after=None):
+    """While active, every call of modules[path] first calls before(path, module, args) and then
+    after(path, module, args, output)."""
     originals = {}
     try:
         for path, module in modules.items():
             cls = type(module)
             originals[path] = cls
-            module.__class__ = type(cls.__name__, (cls,), {"__call__": _recording_call(cls, path, record)})
+            module.__class__ = type(cls.__name__, (cls,), {"__call__": _observed_call(cls, path, before, after)})
         yield
     finally:
         for path, cls in originals.items():
             modules[path].__class__ = cls
 
 
-def collect(model: nn.Module, batches: mx.array, paths: list[str]) -> dict[str, InputStats]:
-    """Input statistics of the named modules over forward passes of the float model on `batches` (B, L), one row
-    at a time. Expert banks (`Experts`) get per-expert stats for both banks: `<path>` for the gate/up input and
-    `<path>.down_proj` for the down input. `lm_head` holds the final hidden states' (the LM head's input)."""
+def recorder(stats: dict[str, InputStats]):
+    """A `before` hook that adds each call's input statistics to `stats` (see the module docstring)."""
     from ..moe import Experts
-
-    modules = dict(model.named_modules())
-    stats: dict[str, InputStats] = {}
 
     def add(key, value):
         mx.eval(value.sum_sq, value.sum_abs, value.count)
@@ -147,9 +164,20 @@ def collect(model: nn.Module, batches: mx.array, paths: list[str]) -> dict[str, 
             add(path, _per_expert_stats(x, indices, module.gate_up_proj.shape[0]))
             add(path + ".down_proj", _down_inputs_stats(module, x, indices))
         else:
-            add(path, _stats(x))
+            add(path, input_stats(x))
 
-    with observe({p: modules[p] for p in paths if p in modules}, record):
+    record.add = add
+    return record
+
+
+def collect(model: nn.Module, batches: mx.array, paths: list[str]) -> dict[str, InputStats]:
+    """Input statistics of the named modules over forward passes of the float model on `batches` (B, L), one row
+    at a time. Expert banks (`Experts`) get per-expert stats for both banks: `<path>` for the gate/up input and
+    `<path>.down_proj` for the down input. `lm_head` holds the final hidden states' (the LM head's input)."""
+    modules = dict(model.named_modules())
+    stats: dict[str, InputStats] = {}
+    record = recorder(stats)
+    with observe({p: modules[p] for p in paths if p in modules}, before=record):
         for row in range(batches.shape[0]):
-            add("lm_head", _stats(model.language_model(batches[row:row + 1])))
+            record.add("lm_head", input_stats(model.language_model(batches[row:row + 1])))
     return stats
