@@ -3,6 +3,7 @@
     mlx-gemma4               --model ID --prompt "..."  (or --chat)      generate / chat      (mlx_gemma4.generate)
     mlx-gemma4-prompt-cache  --model ID --system "..." --out FILE         save a prefix cache  (mlx_gemma4.prompt_cache)
     mlx-gemma4-convert       --model ID --out DIR [--bits 4]              convert / quantize   (mlx_gemma4.convert)
+    mlx-gemma4-perplexity    --model ID --text FILE [--reference ID]      perplexity, KL       (mlx_gemma4.perplexity)
     mlx-gemma4-memory        --model ID --context N                       memory planner       (mlx_gemma4.memory)
     mlx-gemma4-synth         --variant e2b --out DIR                      synthetic checkpoint (mlx_gemma4.synth)
 
@@ -269,25 +270,92 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
+    add_quantization_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
     args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None:
-        p.error("--recipe mixed needs --bits")
+    if args.bits is None and (args.recipe != "uniform" or args.calibration or args.target_bpw):
+        p.error("--recipe, --calibration and --target-bpw need --bits")
 
     def run() -> None:
         from .convert import convert
 
-        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
-        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
+        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=recipe_of(args),
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite,
+                      report=lambda text: print(text, file=sys.stderr))
+        q = f"{args.bits}-bit {recipe_of(args).name}, group {args.group_size}" if args.bits else "not quantized"
         print(f"wrote {out} ({q})", file=sys.stderr)
+
+    return run_reporting_errors(run, args.verbose)
+
+
+def add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """--group-size, --recipe, --calibration, --target-bpw (mlx_gemma4.quant)."""
+    from .quant import RECIPES
+
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="uniform",
+                   help="uniform: every matrix at --bits; mixed: embeddings, PLE and MoE router at 8 bits; dynamic: "
+                        "mixed, plus the matrices whose quantization hurts most at 6 or 8 bits within --target-bpw; "
+                        "awq: mixed with AWQ scaling; minmax / mixed-minmax: plain min/max scales (mlx-lm's)")
+    p.add_argument("--calibration", metavar="FILE|none", default=None,
+                   help="text whose activations weight the quantization error (default: the text shipped with "
+                        "mlx_gemma4.quant; 'none': unweighted, no forward pass)")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="dynamic: bits per weight of the whole model, embeddings counted (default: mixed's + 0.5)")
+
+
+def recipe_of(args: argparse.Namespace):
+    """The quant.Recipe the --recipe/--calibration/--target-bpw options describe."""
+    from dataclasses import replace
+
+    from .quant import as_recipe
+
+    recipe = as_recipe(args.recipe)
+    if args.calibration is not None:
+        recipe = replace(recipe, calibration=False if args.calibration == "none" else args.calibration)
+    if args.target_bpw is not None:
+        recipe = replace(recipe, target_bpw=args.target_bpw)
+    return recipe
+
+
+# -- mlx-gemma4-perplexity -----------------------------------------------------------------------------------
+def perplexity_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mlx-gemma4-perplexity",
+                                description="Perplexity of a text, and mean KL against a reference model.")
+    p.add_argument("--model", required=True, help="checkpoint directory, Hub repo id, .gguf file or 'demo'")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--reference", help="reference model (e.g. the unquantized source): adds its perplexity, the "
+                   "mean KL(reference || model) and the top-1 agreement")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--chunk", type=_positive_int, default=256, help="positions per forward pass")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                   help="quantize --model at load time (as load(quantize=...)) before evaluating")
+    add_quantization_options(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _add_verbose(p)
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        from pathlib import Path
+
+        from .loading import load
+        from .perplexity import evaluate, text_ids
+
+        text = Path(args.text).read_text(encoding="utf-8")
+        model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                                recipe=recipe_of(args))
+        ids = text_ids(processor, text, args.max_tokens)
+        reference = load(args.reference, dtype=args.dtype)[0] if args.reference else None
+        result = evaluate(model, [ids], reference, chunk=args.chunk)
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (mean NLL {result.nll:.5f})")
+        if reference is not None:
+            change = 100 * (result.perplexity / result.reference_perplexity - 1)
+            print(f"reference perplexity {result.reference_perplexity:.4f} ({change:+.2f}%); mean KL vs reference "
+                  f"{result.mean_kl:.5f}; top-1 agreement {100 * result.top1_agreement:.2f}%")
 
     return run_reporting_errors(run, args.verbose)
 

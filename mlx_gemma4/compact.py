@@ -45,10 +45,17 @@ class CompactEmbedding(nn.Embedding):
         return compact_matmul(x, self.weight)
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose tied-LM-head product (`as_linear`) goes through `quantized_matmul`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
+
 def use_fast_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
     """Give the model's linears and embeddings the compact-aware products, in place (weights are shared):
     every `nn.QuantizedLinear`, and with `compute_dtype` every float `nn.Linear` / `nn.Embedding`."""
-    swaps = {nn.QuantizedLinear: QuantizedLinear}
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
     if compute_dtype is not None:
         swaps.update({nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding})
     for _, module in model.named_modules():

@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from mlx.utils import tree_flatten
 
 from . import backend
+from .quant import Recipe
+from .quant.budget import describe
 from .loading import load_model, resolve_path
 from .safetensors_io import save_shards
 
@@ -42,9 +45,10 @@ def source_dtype(config: dict) -> str:
 
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
-            recipe: str = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
-            overwrite: bool = False) -> Path:
-    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`."""
+            recipe: str | Recipe = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
+            overwrite: bool = False, report: Callable[[str], None] | None = None) -> Path:
+    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`. With `bits`, `report`
+    receives the quantization summary (bits per weight, bits of every matrix; quant.budget.describe)."""
     src_path = resolve_path(src)
     out = Path(out)
     if out.resolve() == src_path.resolve():
@@ -57,6 +61,8 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     dtype = dtype or source_dtype(raw)
     target = backend.resolve_dtype(dtype)
     model = load_model(src_path, dtype=target, quantize=bits, group_size=group_size, recipe=recipe)
+    if bits and report is not None:
+        report(describe(model))
 
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))

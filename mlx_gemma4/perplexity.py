@@ -11,11 +11,8 @@ better for both; a good 4-bit checkpoint stays within a few percent of its sourc
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
@@ -38,9 +35,20 @@ class Evaluation:
         return None if self.reference_nll is None else math.exp(self.reference_nll)
 
 
-def _log_probs(model, ids: mx.array, cache) -> mx.array:
-    logits = model(ids, cache=cache).astype(mx.float32)
+def log_probs(model, ids: Sequence[int] | mx.array, cache=None) -> mx.array:
+    """(L, vocab) float32 next-token log-probabilities at every position of one sequence (through `cache`)."""
+    ids = ids if isinstance(ids, mx.array) else mx.array([int(t) for t in ids])
+    logits = model(ids.reshape(1, -1), cache=cache)[0].astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _kl_sum(reference: mx.array, other: mx.array) -> mx.array:
+    return (mx.exp(reference) * (reference - other)).sum()
+
+
+def kl_divergence(reference: mx.array, other: mx.array) -> float:
+    """Mean over positions of KL(reference || other), both (L, vocab) log-probabilities."""
+    return float(_kl_sum(reference, other)) / reference.shape[0]
 
 
 def evaluate(model, sequences: Sequence[Sequence[int]], reference=None, chunk: int = 256) -> Evaluation:
@@ -53,17 +61,17 @@ def evaluate(model, sequences: Sequence[Sequence[int]], reference=None, chunk: i
         seq = [int(t) for t in seq]
         if len(seq) < 2:
             raise ValueError("every sequence needs at least 2 tokens (one to predict)")
-        ids = mx.array([seq])
+        ids = mx.array(seq)
         cache = model.make_cache()
         ref_cache = reference.make_cache() if reference is not None else None
         for start in range(0, len(seq) - 1, chunk):
             end = min(start + chunk, len(seq) - 1)  # positions [start, end) predict tokens [start+1, end+1)
-            lp = _log_probs(model, ids[:, start:end], cache)[0]
-            targets = ids[0, start + 1:end + 1]
+            lp = log_probs(model, ids[start:end], cache)
+            targets = ids[start + 1:end + 1]
             step = [-mx.take_along_axis(lp, targets[:, None], axis=-1).sum()]
             if reference is not None:
-                ref = _log_probs(reference, ids[:, start:end], ref_cache)[0]
-                step.append((mx.exp(ref) * (ref - lp)).sum())
+                ref = log_probs(reference, ids[start:end], ref_cache)
+                step.append(_kl_sum(ref, lp))
                 step.append((mx.argmax(ref, axis=-1) == mx.argmax(lp, axis=-1)).sum())
                 step.append(-mx.take_along_axis(ref, targets[:, None], axis=-1).sum())
             mx.eval(step)
@@ -86,40 +94,7 @@ def text_ids(processor, text: str, max_tokens: int | None = None) -> list[int]:
     return ids[:max_tokens] if max_tokens else ids
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.perplexity",
-                                description="Perplexity of a text, and mean KL against a reference model.")
-    p.add_argument("--model", required=True, help="checkpoint directory, Hub repo id, .gguf file or 'demo'")
-    p.add_argument("--text", required=True, help="a UTF-8 text file")
-    p.add_argument("--reference", help="reference model (e.g. the unquantized source): adds mean KL and top-1 "
-                   "agreement")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    p.add_argument("--chunk", type=int, default=256, help="positions per forward pass")
-    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
-                   help="quantize --model at load time (as load(quantize=...)) before evaluating")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--recipe", default="uniform", help="quantization recipe (see mlx_gemma4.quant)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    args = p.parse_args(argv)
-    from .loading import load
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import perplexity_main
 
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-        model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                                recipe=args.recipe)
-        ids = text_ids(processor, text, args.max_tokens)
-        reference = load(args.reference, dtype=args.dtype)[0] if args.reference else None
-        result = evaluate(model, [ids], reference, chunk=args.chunk)
-    except (FileNotFoundError, ValueError, OSError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (mean NLL {result.nll:.5f})")
-    if reference is not None:
-        change = 100 * (result.perplexity / result.reference_perplexity - 1)
-        print(f"reference perplexity {result.reference_perplexity:.4f} ({change:+.2f}%); mean KL vs reference "
-              f"{result.mean_kl:.5f}, top-1 agreement {100 * result.top1_agreement:.2f}%")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(perplexity_main())

@@ -34,8 +34,8 @@ def _step_multipliers(bits: int, levels_down: int, clip_steps: int) -> tuple[flo
     return tuple(sorted(set(coarser + finer)))
 
 
-SEARCH = {  # bits -> (levels_down, clip_steps): 4 bits tries 8 coarser grids and 3 clipping ones
-    2: (1, 2), 3: (4, 3), 4: (7, 3), 5: (6, 3), 6: (4, 3), 8: (2, 2),
+SEARCH = {  # bits -> (coarser grids, clipping steps): 4 bits tries 15/14 and two clipped steps besides min/max
+    2: (1, 2), 3: (1, 2), 4: (1, 2), 5: (2, 1), 6: (2, 1), 8: (2, 0),
 }
 REFINE_STEPS = 2  # rounding / least-squares alternations after the grid search
 

@@ -37,6 +37,7 @@ ALPHAS = tuple(i / 10 for i in range(11))
 class ScaleGroup:
     """Weight matrices reading one input, and how to fold a per-channel scale into what produces that input."""
 
+    kind: str  # qkv, gate_up, down, o_proj, experts.gate_up, experts.down
     matrices: list[tuple[nn.Module, str]]  # (module, attribute): weight matrices, input channels last
     stats_keys: list[str]  # calibrate.collect keys of the matrices' input statistics (rescaled with the input)
     magnitude: mx.array  # mean |x| per producer channel (..., c): AWQ's s = magnitude^alpha
@@ -72,16 +73,16 @@ def scale_groups(layer: nn.Module, path: str, stats: dict[str, InputStats]) -> l
     key = f"{path}.self_attn.q_proj"
     if key in stats:
         names = [n for n in ("q_proj", "k_proj", "v_proj") if n in attn]
-        groups.append(ScaleGroup([(attn[n], "weight") for n in names], [f"{path}.self_attn.{n}" for n in names],
+        groups.append(ScaleGroup("qkv", [(attn[n], "weight") for n in names], [f"{path}.self_attn.{n}" for n in names],
                                  stats[key].mean_abs(), _norm_fold(layer.input_layernorm)))
     key = f"{path}.mlp.gate_proj"
     if key in stats:
-        groups.append(ScaleGroup([(mlp.gate_proj, "weight"), (mlp.up_proj, "weight")],
+        groups.append(ScaleGroup("gate_up", [(mlp.gate_proj, "weight"), (mlp.up_proj, "weight")],
                                  [key, f"{path}.mlp.up_proj"], stats[key].mean_abs(),
                                  _norm_fold(layer.pre_feedforward_layernorm)))
     key = f"{path}.mlp.down_proj"
     if key in stats:
-        groups.append(ScaleGroup([(mlp.down_proj, "weight")], [key], stats[key].mean_abs(),
+        groups.append(ScaleGroup("down", [(mlp.down_proj, "weight")], [key], stats[key].mean_abs(),
                                  _rows_fold(mlp.up_proj, "weight")))
     key = f"{path}.self_attn.o_proj"
     if key in stats and "v_proj" in attn and not attn.use_value_norm:
@@ -89,17 +90,17 @@ def scale_groups(layer: nn.Module, path: str, stats: dict[str, InputStats]) -> l
         H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         magnitude = stats[key].mean_abs().reshape(Hkv, H // Hkv, D).mean(1).reshape(-1)
         expand = lambda s: mx.repeat(s.reshape(Hkv, 1, D), H // Hkv, axis=1).reshape(-1)
-        groups.append(ScaleGroup([(attn.o_proj, "weight")], [key], magnitude, _rows_fold(attn.v_proj, "weight"),
+        groups.append(ScaleGroup("o_proj", [(attn.o_proj, "weight")], [key], magnitude, _rows_fold(attn.v_proj, "weight"),
                                  expand))
     key = f"{path}.experts"
     if key in stats and getattr(layer, "has_moe", False):
         experts = layer.experts
         st = stats[key]
         pooled = st.sum_abs.sum(0) / mx.maximum(st.count.sum(), 1)
-        groups.append(ScaleGroup([(experts, "gate_up_proj")], [key], pooled,
+        groups.append(ScaleGroup("experts.gate_up", [(experts, "gate_up_proj")], [key], pooled,
                                  _norm_fold(layer.pre_feedforward_layernorm_2)))
         inter = experts.down_proj.shape[-1]
-        groups.append(ScaleGroup([(experts, "down_proj")], [key + ".down_proj"],
+        groups.append(ScaleGroup("experts.down", [(experts, "down_proj")], [key + ".down_proj"],
                                  stats[key + ".down_proj"].mean_abs(), _rows_fold(experts, "gate_up_proj", inter),
                                  per_expert=True))
     return groups

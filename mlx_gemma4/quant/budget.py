@@ -96,3 +96,42 @@ def allocate(model: nn.Module, plan: dict[str, Any], errors: dict[str, float], t
         spare -= spent
         overrides[path] = {"group_size": group_size, "bits": nxt}
     return overrides
+
+
+LAYER_COLUMNS = [f"{part}.weight" for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj", "router.proj", "per_layer_input_gate", "per_layer_projection")] + [
+    "experts.gate_up_proj", "experts.down_proj"]
+
+
+def _bits_label(bits: int | None) -> str:
+    return "-" if bits is None else str(bits)
+
+
+def describe(model: nn.Module) -> str:
+    """Bits per weight, the matrices at each bit width outside the decoder layers, and a per-layer table."""
+    specs = matrices(model)
+    layer_prefix = "language_model.layers."
+    lines = [f"{bits_per_weight(model):.3f} bits per weight (every weight matrix, embeddings included; scales, "
+             f"biases and float matrices counted at 16 bits)"]
+    outside = {}
+    for name, (bits, group_size, _) in specs.items():
+        if not name.startswith(layer_prefix):
+            key = "float" if bits is None else f"{bits}-bit g{group_size}"
+            outside.setdefault(key, []).append(name)
+    for key, names in sorted(outside.items()):
+        lines.append(f"  {key}: {', '.join(names)}")
+    rows: dict[int, dict[str, int | None]] = {}
+    for name, (bits, _, _) in specs.items():
+        if name.startswith(layer_prefix):
+            index, rest = name[len(layer_prefix):].split(".", 1)
+            rows.setdefault(int(index), {})[rest] = bits
+    if rows:
+        present = {c for row in rows.values() for c in row}
+        columns = [c for c in LAYER_COLUMNS if c in present] + sorted(present - set(LAYER_COLUMNS))
+        short = [c.replace("self_attn.", "").replace("mlp.", "").replace(".weight", "") for c in columns]
+        lines.append("  bits per layer: " + " ".join(short))
+        for index in sorted(rows):
+            cells = [_bits_label(rows[index].get(c)) if c in rows[index] else "." for c in columns]
+            lines.append(f"    layer {index:>3}: " + " ".join(f"{v:>{len(s)}}" for v, s in zip(cells, short)))
+    return "\n".join(lines)
