@@ -83,6 +83,18 @@ def test_banks_constant_groups_and_stored_dtype():
     assert _mse(deq, w) < _mse(_dequantized(*mx.quantize(mx.array(w), group_size=64, bits=4), 64, 4), w)
 
 
+def test_pieces_of_rows_give_the_same_result(monkeypatch):
+    """Large matrices are fitted a few rows (or one expert) at a time: the result is the one-piece result."""
+    w = mx.array((0.02 * RNG.randn(3, 40, 128)).astype(np.float32))
+    importance = mx.array(RNG.rand(3, 1, 128).astype(np.float32))
+    whole = affine.quantize(w, 64, 4, importance)
+    fake = affine.fake_quantize(w, 64, 4, importance)
+    monkeypatch.setattr(affine, "CHUNK_ELEMENTS", 7 * 128)  # 7 rows a piece: pieces straddle no expert
+    for a, b in zip(whole, affine.quantize(w, 64, 4, importance)):
+        assert a.shape == b.shape and mx.array_equal(a, b).item()
+    assert mx.array_equal(fake, affine.fake_quantize(w, 64, 4, importance)).item()
+
+
 def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="multiple of it"):
         affine.quantize(mx.zeros((4, 96)), 64, 4)

@@ -130,27 +130,60 @@ def pack(q: mx.array, bits: int) -> mx.array:
     return mx.stack(out, axis=-1).reshape(*q.shape[:-1], n * bits // 32)
 
 
+CHUNK_ELEMENTS = 1 << 22  # weights fitted per evaluated piece: the search's float32 temporaries stay ~100 MB
+
+
+def _row_chunks(w: mx.array, importance: mx.array | None):
+    """(rows of w, their importance) in pieces of about CHUNK_ELEMENTS, walking leading axes (experts) first;
+    importance broadcasts against w (its leading axes 1 or w's)."""
+    if w.ndim > 2:
+        for i in range(w.shape[0]):
+            a = importance if importance is None or importance.ndim < w.ndim or importance.shape[0] == 1 \
+                else importance[i]
+            yield from _row_chunks(w[i], a if a is None or a.ndim < w.ndim else a[0])
+        return
+    step = max(1, CHUNK_ELEMENTS // w.shape[-1])
+    for start in range(0, w.shape[0], step):
+        yield w[start:start + step], importance
+
+
+def _stacked(pieces: list[mx.array], shape: tuple[int, ...]) -> mx.array:
+    return mx.concatenate(pieces, axis=0).reshape(*shape[:-1], -1)
+
+
 def quantize(w: mx.array, group_size: int = 64, bits: int = 4, importance: mx.array | None = None,
              dtype: mx.Dtype | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """Drop-in for `mx.quantize(w, group_size, bits)` (affine mode) with fitted scales and biases.
 
     importance: optional (..., in) weights per input column (broadcast over rows); dtype: of the returned scales
-    and biases (default w's); the codes are rounded against the stored (rounded) scales and biases."""
+    and biases (default w's); the codes are rounded against the stored (rounded) scales and biases. Large
+    matrices are fitted a piece of rows at a time (each piece evaluated before the next)."""
     if w.ndim < 2 or w.shape[-1] % group_size:
         raise ValueError(f"cannot quantize a {tuple(w.shape)} matrix with group size {group_size}: the last "
                          "dimension must be a multiple of it")
     if importance is not None and importance.shape[-1] != w.shape[-1]:
         raise ValueError(f"importance has {importance.shape[-1]} columns, the matrix {w.shape[-1]}")
     dtype = dtype or w.dtype
-    scales, biases = fit_scales(w, bits, group_size, importance)
-    scales, biases = scales.astype(dtype), biases.astype(dtype)
-    g = w.astype(mx.float32).reshape(*scales.shape, group_size)
-    q = codes(g, scales.astype(mx.float32), biases.astype(mx.float32), (1 << bits) - 1)
-    return pack(q.reshape(w.shape), bits), scales, biases
+    packed, all_scales, all_biases = [], [], []
+    for rows, a in _row_chunks(w, importance):
+        scales, biases = fit_scales(rows, bits, group_size, a)
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+        g = rows.astype(mx.float32).reshape(*scales.shape, group_size)
+        q = codes(g, scales.astype(mx.float32), biases.astype(mx.float32), (1 << bits) - 1)
+        piece = (pack(q.reshape(rows.shape), bits), scales, biases)
+        mx.eval(piece)
+        for out, x in zip((packed, all_scales, all_biases), piece):
+            out.append(x)
+    return tuple(_stacked(x, w.shape) for x in (packed, all_scales, all_biases))
 
 
 def fake_quantize(w: mx.array, group_size: int, bits: int, importance: mx.array | None = None) -> mx.array:
     """What `quantize` would store, dequantized back to a float32 matrix of w's shape."""
-    scales, biases = fit_scales(w, bits, group_size, importance)
-    g = w.astype(mx.float32).reshape(*scales.shape, group_size)
-    return (codes(g, scales, biases, (1 << bits) - 1) * scales[..., None] + biases[..., None]).reshape(w.shape)
+    pieces = []
+    for rows, a in _row_chunks(w, importance):
+        scales, biases = fit_scales(rows, bits, group_size, a)
+        g = rows.astype(mx.float32).reshape(*scales.shape, group_size)
+        pieces.append((codes(g, scales, biases, (1 << bits) - 1) * scales[..., None] + biases[..., None])
+                      .reshape(rows.shape))
+        mx.eval(pieces[-1])
+    return _stacked(pieces, w.shape)
