@@ -1,0 +1,110 @@
+"""The model on mlx-lm's batch caches: several sequences of different lengths in one batch (left padding,
+per-row positions, masks from the caches, sliding windows wrapping at different steps, KV-shared layers) give
+each sequence's logits as it gets them alone (float32)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models import cache as mlx_cache
+
+from mlx_gemma4 import load
+from mlx_gemma4.config import SLIDING
+
+VARIANTS = ["e2b", "26b"]  # PLE + KV sharing + 4:1 pattern; MoE + k=v + own global head dim
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(text_checkpoint):
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            made[variant] = load(text_checkpoint(variant), dtype="float32")[0]
+        return made[variant]
+
+    return get
+
+
+def prompts(window: int) -> list[list[int]]:
+    """Lengths below, near and several times past the window."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 500, n).tolist() for n in (3, window - 1, window + 2, 3 * window + 5)]
+
+
+def solo(model, ids: list[int], feed: list[int]) -> list[np.ndarray]:
+    """Logits of the last prompt position, then of each fed token, on the model's own caches."""
+    cache = model.make_cache()
+    out = [np.array(model(mx.array([ids]), cache=cache)[0, -1])]
+    for t in feed:
+        out.append(np.array(model(mx.array([[t]]), cache=cache)[0, -1]))
+    return out
+
+
+def assert_close(got, want):
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merged_caches_decode_each_row_as_alone(model, variant):
+    """Prefill alone on our caches, merge into mlx-lm's batch caches, decode together past every window."""
+    m = model(variant)
+    window = m.config.text.sliding_window
+    seqs = prompts(window)
+    steps = 2 * window + 3
+    feeds = [np.random.default_rng(i + 1).integers(3, 500, steps).tolist() for i in range(len(seqs))]
+    want = [solo(m, ids, feed) for ids, feed in zip(seqs, feeds)]
+
+    per_seq = []
+    for ids in seqs:
+        cache = m.make_cache()
+        m(mx.array([ids]), cache=cache)
+        per_seq.append(cache)
+    batch = [per_seq[0][i].merge([c[i] for c in per_seq]) for i in range(len(per_seq[0]))]
+    kinds = {type(c) for c in batch}
+    assert kinds == {mlx_cache.BatchKVCache, mlx_cache.BatchRotatingKVCache}
+    for s in range(steps):
+        logits = np.array(m(mx.array([[f[s]] for f in feeds]), cache=batch)[:, -1])
+        for row in range(len(seqs)):
+            assert_close(logits[row], want[row][s + 1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_prefill_and_decode(model, variant):
+    """A batch prefilled together from empty batch caches (left padding, masks with padding and windows)."""
+    m = model(variant)
+    cfg = m.config.text
+    seqs = prompts(cfg.sliding_window)[:3]
+    feed = [5, 9, 11, 13]
+    want = [solo(m, ids, feed) for ids in seqs]
+    longest = max(map(len, seqs))
+    padding = [longest - len(s) for s in seqs]
+    batch = [mlx_cache.BatchRotatingKVCache(cfg.sliding_window, padding) if t == SLIDING
+             else mlx_cache.BatchKVCache(padding) for t in cfg.layer_types[: cfg.first_kv_shared_layer]]
+    ids = mx.array([[0] * p + s for p, s in zip(padding, seqs)])
+    logits = np.array(m(ids, cache=batch)[:, -1])
+    for row in range(len(seqs)):
+        assert_close(logits[row], want[row][0])
+    for s, t in enumerate(feed):
+        logits = np.array(m(mx.array([[t]] * len(seqs)), cache=batch)[:, -1])
+        for row in range(len(seqs)):
+            assert_close(logits[row], want[row][s + 1])
+
+
+def test_last_only_on_the_mask_path(model):
+    m = model("e2b")
+    window = m.config.text.sliding_window
+    ids = prompts(window)[3]
+    cache = [c.to_mlx_lm() if hasattr(c, "to_mlx_lm") else mlx_cache.KVCache() for c in m.make_cache()]
+    last = m(mx.array([ids]), cache=cache, last_only=True)
+    assert last.shape[1] == 1
+    assert_close(np.array(last[0, -1]), solo(m, ids, [])[0])
+
+
+def test_image_prompts_need_our_caches(model):
+    m = model("26b")
+    cache = [mlx_cache.KVCache() for _ in m.make_cache()]
+    with pytest.raises(ValueError, match="own caches"):
+        m(mx.array([[5, 6, 7]]), cache=cache, block_ids=mx.array([-1, 0, 0], dtype=mx.int32))
