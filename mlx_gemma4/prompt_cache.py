@@ -43,15 +43,9 @@ class PromptCache:
 
 def _layout(model) -> list[str]:
     """Per layer: 'shared' (no cache), 'full', or 'sliding:<window>'."""
-    out = []
-    for c in model.make_cache():
-        if c is None:
-            out.append("shared")
-        elif isinstance(c, RotatingKVCache):
-            out.append(f"sliding:{c.window}")
-        else:
-            out.append("full")
-    return out
+    caches = model.make_cache()  # KV-shared layers (the last ones) have none
+    kinds = [f"sliding:{c.window}" if isinstance(c, RotatingKVCache) else "full" for c in caches]
+    return kinds + ["shared"] * (model.text_config.num_hidden_layers - len(caches))
 
 
 def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, model, metadata: dict | None = None) -> None:
@@ -60,7 +54,7 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, model, metada
     for i, c in enumerate(prompt_cache.caches):
         if c is None or c.offset == 0:
             continue
-        keys, values = c.state
+        keys, values = c.state[:2]  # oldest first
         arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"] = keys, values
     if prompt_cache.offset != len(prompt_cache.tokens):
         raise ValueError(f"prompt cache holds {prompt_cache.offset} positions but {len(prompt_cache.tokens)} token ids")
@@ -99,13 +93,13 @@ def load_prompt_cache(path: str | Path, model) -> tuple[PromptCache, dict]:
         keys, values = arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"]
         dtype = model.dtype
         keys, values = keys.astype(dtype), values.astype(dtype)
-        if isinstance(c, RotatingKVCache):
-            c.offset = offset  # the setter places temporally ordered entries by absolute position
-            c.state = (keys, values)
+        if isinstance(c, RotatingKVCache):  # its last entries, oldest first, ending at position `offset`
+            c.state = (keys, values, offset, 0, c.window, keys.shape[2])
         else:
-            c.state = (keys, values)
-            if c.offset != offset:
-                raise ValueError(f"prompt cache {path}: layer {i} holds {c.offset} entries, metadata says {offset}")
+            if keys.shape[2] != offset:
+                raise ValueError(f"prompt cache {path}: layer {i} holds {keys.shape[2]} entries, metadata says "
+                                 f"{offset}")
+            c.state = (keys, values, offset)
     pc = PromptCache(caches, json.loads(meta["tokens"]))
     pc.eval()
     return pc, json.loads(meta.get("user", "{}"))
