@@ -21,7 +21,6 @@ synthetic checkpoint maker (`mlx_gemma4.synth`) writes exactly what the planner 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -432,29 +431,7 @@ def default_dtype_name() -> str:
     return str(resolve_dtype()).replace("mlx.core.", "")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mlx_gemma4.memory", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="local checkpoint dir, variant (e2b, e4b, 26b-a4b, 31b) or hub id")
-    ap.add_argument("--context", type=int, required=True, help="tokens in the context (prompt + generated)")
-    ap.add_argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: the checkpoint's)")
-    ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized KV cache")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
-                    help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
-    ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
-                    help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
-    ap.add_argument("--ram", type=float, help="RAM in GiB to check the total against")
-    args = ap.parse_args(argv)
-    try:
-        config, directory = resolve_model(args.model)
-        dtype = args.dtype or default_dtype_name()
-        est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
-                       chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"model {args.model}, compute dtype {dtype}")
-    print(format_estimate(est, args.context, args.ram))
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import memory_main
 
-
-if __name__ == "__main__":
-    main()
+    raise SystemExit(memory_main())

@@ -21,7 +21,6 @@ unless --towers is given; their tensor list then comes from transformers (a test
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -32,10 +31,8 @@ import numpy as np
 
 from .memory import (
     GROUP_SIZE,
-    VARIANTS,
     is_quantizable,
     layer_types_of,
-    load_preset,
     quantized_specs,
     text_config_of,
     text_param_specs,
@@ -289,27 +286,7 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mlx_gemma4.synth", description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", required=True, choices=VARIANTS)
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--layers", type=int, help="keep only the first N layers (pattern and KV sharing kept)")
-    ap.add_argument("--vocab", type=int, help="smaller vocabulary (mlx-lm's gemma4 needs the real 262144)")
-    ap.add_argument("--bits", type=int, choices=(4, 8), help="quantize matrices (mlx format only)")
-    ap.add_argument("--format", default="mlx", choices=("mlx", "hf"), dest="fmt")
-    ap.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GB")
-    ap.add_argument("--towers", action="store_true", help="also write the vision/audio towers (needs transformers)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        config = shrink_config(load_preset(args.variant), args.layers, args.vocab)
-        out = write_checkpoint(config, args.out, bits=args.bits, fmt=args.fmt, towers=args.towers, seed=args.seed,
-                               shard_bytes=int(args.shard_gb * 1e9))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import synth_main
 
-
-if __name__ == "__main__":
-    main()
+    raise SystemExit(synth_main())

@@ -1,17 +1,13 @@
-"""Shared pytest fixtures. Test checkpoints come from tests/checkpoints.py (made once per session)."""
+"""Shared pytest fixtures. Test checkpoints come from tests/checkpoints/ (made once per session)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import mlx_gemma4  # noqa: E402,F401  (loads the optimized BLAS before mlx.core)
-import checkpoints  # noqa: E402
+import mlx_gemma4  # noqa: F401  (loads the optimized BLAS before mlx.core)
+import checkpoints  # tests/checkpoints/ (tests/ is on pytest's pythonpath)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / ".test-artifacts"
 
