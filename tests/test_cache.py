@@ -1,6 +1,5 @@
 """KV caches: the sliding-window cache against a plain list of every entry (wrap-around, compaction, exact
-rollback), state round trips with mlx-lm's classes, and rollback in the model (decode after trim equals a
-full forward)."""
+rollback), state round trips and masks against mlx-lm's classes. The model on these caches: test_model_caches.py."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from mlx_lm.models import cache as mlx_cache
 
-from mlx_gemma4 import load
 from mlx_gemma4.cache import KVCache, RotatingKVCache
 
 WINDOW, ROLLBACK = 5, 3
@@ -157,40 +155,3 @@ def test_masks_match_mlx_lms_for_the_same_entries(cls, offset, N):
     ka, kb = ours.update_and_fetch(x, x)[0], theirs.update_and_fetch(x, x)[0]
     assert ka.shape == kb.shape
     np.testing.assert_array_equal(dense(a, ka.shape[2]), dense(b, kb.shape[2]))
-
-
-# ---- rollback in the model -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model(text_checkpoint):
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            made[variant] = load(text_checkpoint(variant), dtype="float32")[0]
-        return made[variant]
-
-    return get
-
-
-@pytest.mark.parametrize("variant", ["e2b", "26b"])
-def test_decode_after_rollback_equals_a_full_forward(model, variant):
-    """A speculative-decoding pattern: verify k+1 drafted tokens in one forward, roll back the rejected ones,
-    continue. Rollbacks land before and after the sliding window's wrap."""
-    m = model(variant)
-    rng = np.random.default_rng(4)
-    window = m.config.text.sliding_window
-    kept = rng.integers(3, 500, 5).tolist()
-    cache = m.make_cache()
-    m(mx.array([kept]), cache=cache)
-    while len(kept) < 4 * window:
-        drafted = rng.integers(3, 500, int(rng.integers(1, 6))).tolist()
-        m(mx.array([drafted]), cache=cache)
-        accepted = int(rng.integers(0, len(drafted) + 1))
-        for c in cache:
-            c.trim(len(drafted) - accepted)
-        kept += drafted[:accepted]
-        assert all(c.offset == len(kept) for c in cache)
-    probe = [7, 11]
-    after_trims = m(mx.array([probe]), cache=cache)
-    full = m(mx.array([kept + probe]))[:, -len(probe):]
-    np.testing.assert_allclose(np.array(after_trims), np.array(full), rtol=1e-4, atol=1e-4)

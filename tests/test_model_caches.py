@@ -1,6 +1,7 @@
-"""The model on mlx-lm's batch caches: several sequences of different lengths in one batch (left padding,
-per-row positions, masks from the caches, sliding windows wrapping at different steps, KV-shared layers) give
-each sequence's logits as it gets them alone (float32)."""
+"""The model on its caches: decoding after a rollback equals a full forward; on mlx-lm's batch caches, several
+sequences of different lengths in one batch (left padding, per-row positions, masks from the caches, sliding
+windows wrapping at different steps, KV-shared layers) give each sequence's logits as it gets them alone
+(float32)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,27 @@ def test_image_prompts_need_our_caches(model):
     cache = [mlx_cache.KVCache() for _ in m.make_cache()]
     with pytest.raises(ValueError, match="own caches"):
         m(mx.array([[5, 6, 7]]), cache=cache, block_ids=mx.array([-1, 0, 0], dtype=mx.int32))
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_decode_after_rollback_equals_a_full_forward(model, variant):
+    """A speculative-decoding pattern: verify k+1 drafted tokens in one forward, roll back the rejected ones,
+    continue. Rollbacks land before and after the sliding window's wrap."""
+    m = model(variant)
+    rng = np.random.default_rng(4)
+    window = m.config.text.sliding_window
+    kept = rng.integers(3, 500, 5).tolist()
+    cache = m.make_cache()
+    m(mx.array([kept]), cache=cache)
+    while len(kept) < 4 * window:
+        drafted = rng.integers(3, 500, int(rng.integers(1, 6))).tolist()
+        m(mx.array([drafted]), cache=cache)
+        accepted = int(rng.integers(0, len(drafted) + 1))
+        for c in cache:
+            c.trim(len(drafted) - accepted)
+        kept += drafted[:accepted]
+        assert all(c.offset == len(kept) for c in cache)
+    probe = [7, 11]
+    after_trims = m(mx.array([probe]), cache=cache)
+    full = m(mx.array([kept + probe]))[:, -len(probe):]
+    np.testing.assert_allclose(np.array(after_trims), np.array(full), rtol=1e-4, atol=1e-4)
