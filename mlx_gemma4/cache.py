@@ -13,11 +13,14 @@ as they are.
 - `RotatingKVCache` (sliding layers) is ours. mlx-lm's `RotatingKVCache` is a ring buffer of exactly the window
   that cannot be trimmed once it has wrapped (`is_trimmable()` is False): the entries a rollback would need are
   overwritten. Speculative decoding verifies k+1 drafted positions in one forward and rolls back the rejected
-  ones in every cache, so ours keeps the entries in temporal order in a buffer of window + `rollback` + room:
-  writes append in place, and only when the room runs out are the entries still needed (the window plus
-  `rollback` more) moved to the front, once every `room` decode steps. Memory stays bounded by the window (plus
-  that constant), never by the context; `trim(n)` is exact for n <= `max_trim`, which is always at least the
-  positions written by the last update and at least `rollback` unless earlier trims used it up.
+  ones in every cache, so ours keeps the entries in temporal order in a buffer of `capacity` = window +
+  `rollback` + room positions (room = window // 4, at least `rollback`): writes append in place; when the buffer
+  is full, the entries still needed (the window plus `rollback` more) move to the front of a fresh one, once
+  every `room` decode steps; a prefill chunk longer than the room attends over a temporary copy of the window
+  and itself, and leaves only those entries. Memory stays bounded by the window (plus that constant), never by
+  the context. `trim(n)` is exact for n <= `max_trim`: at least the last write if it was short (decode steps,
+  speculative verification of up to `room` positions), at least `rollback` otherwise, unless earlier trims used
+  it up; beyond that it raises.
 
 mlx-lm's prompt-cache files name each cache's class; ours are named like the mlx-lm classes whose `state`
 layout they share, so `mlx_lm.models.cache.load_prompt_cache` rebuilds them as mlx-lm's own classes (the model
@@ -125,7 +128,7 @@ class RotatingKVCache:
 
     The buffer holds absolute positions `_start .. offset-1` at slots 0 .. offset-_start-1, oldest first."""
 
-    rollback = 16  # positions a trim can always take back after an update (speculative decoding's drafts)
+    rollback = 16  # positions kept beyond the window so that a trim can take them back
 
     def __init__(self, window: int, rollback: int | None = None):
         if window < 1:
@@ -144,37 +147,58 @@ class RotatingKVCache:
 
     @property
     def room(self) -> int:
-        """Free slots left after a compaction: how many decode steps run before the next one."""
+        """Free slots after a compaction: the decode steps until the next one."""
         return max(self.rollback, self.window // 4)
 
-    def _make_room(self, B: int, H: int, L: int, dk: int, dv: int, dtype) -> None:
-        """Ensure L free slots after the stored entries, keeping the window - 1 entries the new queries attend
-        to, one more so the whole write can be rolled back, and enough older ones that `rollback` positions
-        can be rolled back after a shorter write."""
-        held = self.offset - self._start
-        if self.keys is not None and held + L <= self.keys.shape[2]:
-            return
-        keep = min(held, self.window + max(0, self.rollback - L))
-        size = keep + max(L, self.room)
-
-        def fresh(old, d):
-            tail = mx.zeros((B, H, size - keep, d), dtype)
-            return tail if keep == 0 else mx.concatenate([old[..., held - keep: held, :], tail], axis=2)
-
-        self.keys, self.values = fresh(self.keys, dk), fresh(self.values, dv)
-        self._start = self.offset - keep
+    @property
+    def capacity(self) -> int:
+        """The most positions the buffer holds between updates: its memory bound."""
+        return self.window + self.rollback + self.room
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
         """Append (B, H, L, D) entries; return those the new queries may attend to (the window - 1 before them
         and the L new ones), oldest first, with the position of the first."""
-        B, H, L, dk = keys.shape
-        self._make_room(B, H, L, dk, values.shape[-1], keys.dtype)
-        at = self.offset - self._start
-        self.keys[..., at: at + L, :] = keys
-        self.values[..., at: at + L, :] = values
+        L = keys.shape[2]
+        held = self.offset - self._start
+        if self.keys is None or held + L > self.keys.shape[2]:
+            if L > self.room:
+                return self._update_wide(keys, values)
+            # Compact into a buffer of `capacity`: the window (so this write can be rolled back) and
+            # `rollback` - L older entries, then free slots.
+            keep = min(held, self.window + max(0, self.rollback - L))
+            self.keys, self.values = (self._fresh(old, new, held - keep, held, 0, self.capacity - keep)
+                                      for old, new in ((self.keys, keys), (self.values, values)))
+            self._start, held = self.offset - keep, keep
+        self.keys[..., held: held + L, :] = keys
+        self.values[..., held: held + L, :] = values
         self.offset += L
-        first = max(0, at - (self.window - 1))
-        return self.keys[..., first: at + L, :], self.values[..., first: at + L, :], self._start + first
+        first = max(0, held - (self.window - 1))
+        return self.keys[..., first: held + L, :], self.values[..., first: held + L, :], self._start + first
+
+    def _update_wide(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
+        """A write longer than the room (a prefill chunk): attend over the window - 1 entries before it and
+        the new ones, then keep only what decoding and `rollback` trims need, with room to append."""
+        L, held = keys.shape[2], self.offset - self._start
+        before = min(held, self.window - 1)
+        attended = [self._fresh(old, new, held - before, held, L, 0)
+                    for old, new in ((self.keys, keys), (self.values, values))]
+        kept = min(before + L, self.window + self.rollback)
+        self.keys, self.values = (self._fresh(a, None, before + L - kept, before + L, 0, self.room)
+                                  for a in attended)
+        self.offset += L
+        self._start = self.offset - kept
+        return attended[0], attended[1], self.offset - before - L
+
+    @staticmethod
+    def _fresh(old: mx.array | None, new: mx.array | None, start: int, stop: int, n_new: int, free: int):
+        """A new buffer: old[..., start:stop, :], then the first n_new entries of `new`, then `free` zeros."""
+        ref = new if new is not None else old
+        parts = [] if old is None or stop == start else [old[..., start:stop, :]]
+        if n_new:
+            parts.append(new)
+        if free:
+            parts.append(mx.zeros((*ref.shape[:2], free, ref.shape[3]), ref.dtype))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
     # ---- mlx-lm's cache protocol ---------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
