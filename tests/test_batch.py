@@ -19,18 +19,6 @@ from mlx_gemma4.sample import make_logits_processors, make_sampler
 N = 16
 
 
-@pytest.fixture(scope="module")
-def model(text_checkpoint):
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            made[variant] = load(text_checkpoint(variant), dtype="float32")[0]
-        return made[variant]
-
-    return get
-
-
 def prompts(n, window, seed=0):
     """Lengths from 2 to several windows, so sliding windows wrap before and during decoding."""
     rng = np.random.default_rng(seed)
@@ -57,8 +45,8 @@ def run(engine, requests_at: dict[int, list], max_steps=500):
 
 
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
-def test_eight_requests_joining_at_different_steps_each_get_their_solo_tokens(model, variant):
-    m = model(variant)
+def test_eight_requests_joining_at_different_steps_each_get_their_solo_tokens(text_model, variant):
+    m = text_model(variant)
     seqs = prompts(8, m.config.text.sliding_window)
     lengths = [N, 5, N, 9, N, 3, N, 12]  # some leave early, others join after them
     engine = BatchEngine(m, max_batch=8, prefill_step_size=16)  # long prompts prefill in several steps
@@ -71,8 +59,8 @@ def test_eight_requests_joining_at_different_steps_each_get_their_solo_tokens(mo
         assert request.finish_reason == "length"
 
 
-def test_stop_tokens_cancellation_and_limits(model):
-    m = model("e2b")
+def test_stop_tokens_cancellation_and_limits(text_model):
+    m = text_model("e2b")
     seqs = prompts(4, m.config.text.sliding_window, seed=1)
     ref = [solo(m, ids) for ids in seqs]
     stop = ref[0][6]
@@ -93,8 +81,8 @@ def test_stop_tokens_cancellation_and_limits(model):
     assert engine.active == 0
 
 
-def test_per_request_samplers_and_logits_processors(model):
-    m = model("e2b")
+def test_per_request_samplers_and_logits_processors(text_model):
+    m = text_model("e2b")
     seqs = prompts(3, m.config.text.sliding_window, seed=2)
     settings = [dict(sampler=make_sampler(0.8, top_k=20, seed=7)),
                 dict(processors=make_logits_processors(1.5)),
@@ -109,10 +97,10 @@ def test_per_request_samplers_and_logits_processors(model):
         assert request.tokens == solo(m, ids, sampler=s.get("sampler"), processors=s.get("processors", ()))
 
 
-def test_prompt_cache_in_and_out(model):
+def test_prompt_cache_in_and_out(text_model):
     """A request starts from a prompt cache (only the rest is prefilled) and leaves its caches for the next
     turn, which continues exactly like a fresh run of the whole conversation."""
-    m = model("26b")
+    m = text_model("26b")
     first, second = prompts(2, m.config.text.sliding_window, seed=3)[::-1]
     prefix = PromptCache.fresh(m)
     prefill(m, first[:-4], prefix)
@@ -147,8 +135,8 @@ def test_image_prompt_decodes_in_the_batch_like_generate(vision_chat_checkpoint)
     assert request.tokens == want and text.tokens == solo(m, processor.prompt_ids("Hello"))
 
 
-def test_threads_and_asyncio_against_the_running_loop(model):
-    m = model("e2b")
+def test_threads_and_asyncio_against_the_running_loop(text_model):
+    m = text_model("e2b")
     seqs = prompts(6, m.config.text.sliding_window, seed=4)
     engine = BatchEngine(m, max_batch=4)
     engine.start()
@@ -178,8 +166,8 @@ def test_threads_and_asyncio_against_the_running_loop(model):
         assert results[i] == solo(m, ids), f"request {i}"
 
 
-def test_bad_requests(model):
-    m = model("e2b")
+def test_bad_requests(text_model):
+    m = text_model("e2b")
     engine = BatchEngine(m)
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], max_tokens=4)
@@ -198,8 +186,8 @@ def test_bad_requests(model):
     assert good.tokens == solo(m, [5, 6, 7], 4)
 
 
-def test_log_probabilities(model):
-    m = model("e2b")
+def test_log_probabilities(text_model):
+    m = text_model("e2b")
     ids = prompts(3, m.config.text.sliding_window, seed=5)[2]
     engine = BatchEngine(m)
     request = engine.submit(ids, max_tokens=6, top_logprobs=3)

@@ -10,23 +10,10 @@ import numpy as np
 import pytest
 from mlx_lm.models import cache as mlx_cache
 
-from mlx_gemma4 import load
 from mlx_gemma4.config import SLIDING
 
 VARIANTS = ["e2b", "26b"]  # PLE + KV sharing + 4:1 pattern; MoE + k=v + own global head dim
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model(text_checkpoint):
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            made[variant] = load(text_checkpoint(variant), dtype="float32")[0]
-        return made[variant]
-
-    return get
 
 
 def prompts(window: int) -> list[list[int]]:
@@ -49,9 +36,9 @@ def assert_close(got, want):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_merged_caches_decode_each_row_as_alone(model, variant):
+def test_merged_caches_decode_each_row_as_alone(text_model, variant):
     """Prefill alone on our caches, merge into mlx-lm's batch caches, decode together past every window."""
-    m = model(variant)
+    m = text_model(variant)
     window = m.config.text.sliding_window
     seqs = prompts(window)
     steps = 2 * window + 3
@@ -73,9 +60,9 @@ def test_merged_caches_decode_each_row_as_alone(model, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_left_padded_batch_prefill_and_decode(model, variant):
+def test_left_padded_batch_prefill_and_decode(text_model, variant):
     """A batch prefilled together from empty batch caches (left padding, masks with padding and windows)."""
-    m = model(variant)
+    m = text_model(variant)
     cfg = m.config.text
     seqs = prompts(cfg.sliding_window)[:3]
     feed = [5, 9, 11, 13]
@@ -94,8 +81,8 @@ def test_left_padded_batch_prefill_and_decode(model, variant):
             assert_close(logits[row], want[row][s + 1])
 
 
-def test_last_only_on_the_mask_path(model):
-    m = model("e2b")
+def test_last_only_on_the_mask_path(text_model):
+    m = text_model("e2b")
     window = m.config.text.sliding_window
     ids = prompts(window)[3]
     cache = [c.to_mlx_lm() if hasattr(c, "to_mlx_lm") else mlx_cache.KVCache() for c in m.make_cache()]
@@ -104,18 +91,18 @@ def test_last_only_on_the_mask_path(model):
     assert_close(np.array(last[0, -1]), solo(m, ids, [])[0])
 
 
-def test_image_prompts_need_our_caches(model):
-    m = model("26b")
+def test_image_prompts_need_our_caches(text_model):
+    m = text_model("26b")
     cache = [mlx_cache.KVCache() for _ in m.make_cache()]
     with pytest.raises(ValueError, match="own caches"):
         m(mx.array([[5, 6, 7]]), cache=cache, block_ids=mx.array([-1, 0, 0], dtype=mx.int32))
 
 
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
-def test_decode_after_rollback_equals_a_full_forward(model, variant):
+def test_decode_after_rollback_equals_a_full_forward(text_model, variant):
     """A speculative-decoding pattern: verify k+1 drafted tokens in one forward, roll back the rejected ones,
     continue. Rollbacks land before and after the sliding window's wrap."""
-    m = model(variant)
+    m = text_model(variant)
     rng = np.random.default_rng(4)
     window = m.config.text.sliding_window
     kept = rng.integers(3, 500, 5).tolist()
