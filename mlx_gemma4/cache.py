@@ -290,10 +290,11 @@ class RotatingKVCache:
 
     @classmethod
     def merge(cls, caches):
-        """One left-padded mlx-lm BatchRotatingKVCache of these caches' last `window` entries."""
+        """One left-padded mlx-lm BatchRotatingKVCache of these caches' last `window` entries (ours or
+        mlx-lm's RotatingKVCache)."""
         from mlx_lm.models.cache import BatchRotatingKVCache
 
-        return BatchRotatingKVCache.merge([c.to_mlx_lm() for c in caches])
+        return BatchRotatingKVCache.merge([c.to_mlx_lm() if isinstance(c, cls) else c for c in caches])
 
 
 def is_native(cache) -> bool:
