@@ -13,12 +13,12 @@ as they are.
 - `RotatingKVCache` (sliding layers) is ours. mlx-lm's `RotatingKVCache` is a ring buffer of exactly the window
   that cannot be trimmed once it has wrapped (`is_trimmable()` is False): the entries a rollback would need are
   overwritten. Speculative decoding verifies k+1 drafted positions in one forward and rolls back the rejected
-  ones in every cache, so ours keeps the entries in temporal order in a buffer of `capacity` = window +
-  `rollback` + room positions (room = window // 4, at least `rollback`): writes append in place; when the buffer
-  is full, the entries still needed (the window plus `rollback` more) move to the front of a fresh one, once
-  every `room` decode steps; a prefill chunk longer than the room attends over a temporary copy of the window
-  and itself, and leaves only those entries. Memory stays bounded by the window (plus that constant), never by
-  the context. `trim(n)` is exact for n <= `max_trim`: at least the last write if it was short (decode steps,
+  ones in every cache, so ours keeps the entries in temporal order in a buffer of `capacity` = window + 1 +
+  `rollback` + room positions (room = window // 4, at least `rollback`; the + 1 is for the MTP drafters): writes
+  append in place; when the buffer is full, the entries still needed (the window + 1 plus `rollback` more) move
+  to the front of a fresh one, once every `room` decode steps; a prefill chunk longer than the room attends over
+  a temporary copy of the window and itself, and leaves only those entries. Memory stays bounded by the window
+  (plus that constant), never by the context. `trim(n)` is exact for n <= `max_trim`: at least the last write if it was short (decode steps,
   speculative verification of up to `room` positions), at least `rollback` otherwise, unless earlier trims used
   it up; beyond that it raises.
 
@@ -151,9 +151,15 @@ class RotatingKVCache:
         return max(self.rollback, self.window // 4)
 
     @property
+    def history(self) -> int:
+        """Entries always held (once seen): the window, and one more for the MTP drafters, which read the
+        window + 1 keys before a position (transformers' inclusive bidirectional window)."""
+        return self.window + 1
+
+    @property
     def capacity(self) -> int:
         """The most positions the buffer holds between updates: its memory bound."""
-        return self.window + self.rollback + self.room
+        return self.history + self.rollback + self.room
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, int]:
         """Append (B, H, L, D) entries; return those the new queries may attend to (the window - 1 before them
@@ -163,9 +169,9 @@ class RotatingKVCache:
         if self.keys is None or held + L > self.keys.shape[2]:
             if L > self.room:
                 return self._update_wide(keys, values)
-            # Compact into a buffer of `capacity`: the window (so this write can be rolled back) and
+            # Compact into a buffer of `capacity`: the history (so this write can be rolled back) and
             # `rollback` - L older entries, then free slots.
-            keep = min(held, self.window + max(0, self.rollback - L))
+            keep = min(held, self.history + max(0, self.rollback - L))
             self.keys, self.values = (self._fresh(old, new, held - keep, held, 0, self.capacity - keep)
                                       for old, new in ((self.keys, keys), (self.values, values)))
             self._start, held = self.offset - keep, keep
@@ -182,7 +188,7 @@ class RotatingKVCache:
         before = min(held, self.window - 1)
         attended = [self._fresh(old, new, held - before, held, L, 0)
                     for old, new in ((self.keys, keys), (self.values, values))]
-        kept = min(before + L, self.window + self.rollback)
+        kept = min(before + L, self.history + self.rollback)
         self.keys, self.values = (self._fresh(a, None, before + L - kept, before + L, 0, self.room)
                                   for a in attended)
         self.offset += L
@@ -220,7 +226,7 @@ class RotatingKVCache:
     def max_trim(self) -> int:
         """How many of the last positions `trim` can take back exactly."""
         held = self.offset - self._start
-        return self.offset if self._start == 0 else held - self.window
+        return self.offset if self._start == 0 else held - self.history
 
     def is_trimmable(self) -> bool:
         """Always: the recent positions can be rolled back (mlx-lm's speculative decoding checks this). Unlike
@@ -232,8 +238,8 @@ class RotatingKVCache:
         """Roll back the last n positions (at most `offset`); returns how many were rolled back."""
         n = min(self.offset, n)
         if n > self.max_trim:
-            raise ValueError(f"cannot roll back {n} positions of a sliding-window cache that holds only "
-                             f"{self.max_trim} beyond its window of {self.window}")
+            raise ValueError(f"cannot roll back {n} positions of a sliding-window cache (window {self.window}): it "
+                             f"holds {self.max_trim} positions beyond the {self.history} it must keep")
         self.offset -= n
         return n
 
