@@ -36,7 +36,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import KVCache, RotatingKVCache
-from .engine import prefill
+from .engine import media_after, prefill, reply_room
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, Sampler, apply_logits_processors, make_sampler
 
@@ -44,12 +44,14 @@ from .sample import LogitsProcessor, Sampler, apply_logits_processors, make_samp
 @dataclass(eq=False)
 class Request:
     """One generation. The engine fills `tokens` (generated ids; a stop token ends it but is not included)
-    and sets `finish_reason` ("stop", "length", "cancelled" or "error" with `error`) when it is done. With
+    and sets `finish_reason` when it is done: "stop", "length" (max_tokens), "context" (the model's context is
+    full, before max_tokens), "cancelled", or "error" (with `error`). With
     `top_logprobs` >= 0 it also fills `logprobs`: per token (its log-probability, [(id, log-probability)] of the
     `top_logprobs` most likely ids), from the distribution after the logits processors, before sampling."""
 
     ids: list[int]
     max_tokens: int
+    limit: int  # max_tokens, or fewer when the context fills up first
     sampler: Callable
     logits_processors: list[LogitsProcessor]
     stop_token_ids: list[int]
@@ -138,8 +140,8 @@ class Request:
                 self.tokens.append(token)
                 if entry is not None:
                     self.logprobs.append(entry)
-            if finish is None and len(self.tokens) >= self.max_tokens:
-                finish = "length"
+            if finish is None and len(self.tokens) >= self.limit:
+                finish = "length" if self.limit == self.max_tokens else "context"
             if finish is not None:
                 self.finish_reason, self.error = finish, error
             self._cond.notify_all()
@@ -199,28 +201,25 @@ class BatchEngine:
         id (1,) (default greedy); `logits_processors`: `(tokens, logits) -> logits`, tokens = the prompt and the
         ids generated so far. `media`: processed image/audio arrays for prompts with placeholders (see
         `engine.prefill`). `prompt_cache`: caches holding a prefix of `ids` (the engine takes it over and
-        prefills only the rest). `keep_cache`: leave the finished request's caches in `request.cache`.
+        prefills only the rest; media may be given for the whole prompt or only for the rest, see
+        `engine.media_after`). `keep_cache`: leave the finished request's caches in `request.cache`.
         `top_logprobs`: record log-probabilities (see `Request`); None records none."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        context = self.model.text_config.max_position_embeddings
-        if len(ids) + max_tokens > context:
-            raise ValueError(f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) exceed the model's "
-                             f"context length of {context} tokens")
         if top_logprobs is not None and top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        if prompt_cache is not None:
-            cached = len(prompt_cache.tokens)
-            if cached >= len(ids) or ids[:cached] != prompt_cache.tokens:
-                raise ValueError("the prompt cache must hold a proper prefix of the prompt's ids")
-            if media:
-                raise ValueError("image/audio prompts cannot start from a prompt cache")
-        request = Request(ids=ids, max_tokens=max_tokens, sampler=sampler or self._greedy,
+        cache = prompt_cache or PromptCache.fresh(self.model)
+        cached = len(cache.tokens)
+        if cached and (cached >= len(ids) or ids[:cached] != cache.tokens):
+            raise ValueError("the prompt cache must hold a proper prefix of the prompt's ids")
+        media = media_after(self.model, ids, cached, media)
+        limit = min(max_tokens, reply_room(self.model, cache, len(ids) - cached))  # ContextError before prefill
+        request = Request(ids=ids, max_tokens=max_tokens, limit=limit, sampler=sampler or self._greedy,
                           logits_processors=list(logits_processors), stop_token_ids=list(stop_token_ids),
-                          media=media, prompt_cache=prompt_cache, keep_cache=keep_cache,
+                          media=media, prompt_cache=cache, keep_cache=keep_cache,
                           top_logprobs=top_logprobs, _engine=self)
         with self._lock:
             self._waiting.append(request)
@@ -316,7 +315,7 @@ class BatchEngine:
                 if not self._waiting or len(self._decoding) >= self.max_batch:
                     return False
                 request = self._waiting.popleft()
-                cache = request.prompt_cache or PromptCache.fresh(self.model)
+                cache, request.prompt_cache = request.prompt_cache, None  # the engine owns it from here on
                 request.cached_tokens = len(cache.tokens)
                 self._prefilling = _Prefill(request, cache, request.ids[len(cache.tokens):])
             job = self._prefilling
@@ -349,10 +348,10 @@ class BatchEngine:
         if token in request.stop_token_ids:
             return request._emit(finish="stop")
         request._emit(token, logprobs=(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
-        if request.done:  # max_tokens == 1
+        if request.done:  # a one-token limit
             return self._keep_cache(request, job.cache.caches, request.ids)
         (uid,) = self._generator.insert(
-            [[token]], max_tokens=[request.max_tokens - 1], caches=[job.cache.caches],
+            [[token]], max_tokens=[request.limit - 1], caches=[job.cache.caches],
             all_tokens=[list(request.ids)], samplers=[request.sampler],
             logits_processors=[request.logits_processors],
             stop_sequences=[StopSequences([[t] for t in request.stop_token_ids])])
@@ -371,8 +370,8 @@ class BatchEngine:
                 continue
             if r.finish_reason == "stop":
                 request._emit(finish="stop")
-            else:
-                request._emit(r.token, finish=r.finish_reason, logprobs=r.logprobs)
+            else:  # the request itself tells "length" from "context"
+                request._emit(r.token, logprobs=r.logprobs)
             if r.finish_reason is not None:
                 del self._decoding[r.uid]
                 self._keep_cache(request, r.prompt_cache, r.all_tokens)

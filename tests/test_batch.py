@@ -12,7 +12,7 @@ import pytest
 
 from mlx_gemma4 import load
 from mlx_gemma4.batch import BatchEngine
-from mlx_gemma4.engine import generate_step, prefill
+from mlx_gemma4.engine import ContextError, generate_step, prefill
 from mlx_gemma4.prompt_cache import PromptCache
 from mlx_gemma4.sample import make_logits_processors, make_sampler
 
@@ -173,8 +173,10 @@ def test_bad_requests(text_model):
         engine.submit([], max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens"):
         engine.submit([5, 6], max_tokens=0)
-    with pytest.raises(ValueError, match="context length"):
-        engine.submit([5] * 10, max_tokens=m.config.text.max_position_embeddings)
+    context = m.config.text.max_position_embeddings
+    with pytest.raises(ContextError, match="no room"):
+        engine.submit([5] * context, max_tokens=4)
+    full = engine.submit([5] * (context - 3), max_tokens=8)  # the context fills up after 3 tokens
     good = engine.submit([5, 6, 7], max_tokens=4)
     bad = engine.submit([5, 6, 7], max_tokens=4, media={"pixel_values": np.zeros((1, 4, 4), np.float32),
                                                         "image_position_ids": np.zeros((1, 4, 2), np.int32)})
@@ -184,6 +186,7 @@ def test_bad_requests(text_model):
     with pytest.raises(RuntimeError, match="generation failed"):
         list(bad)
     assert good.tokens == solo(m, [5, 6, 7], 4)
+    assert full.finish_reason == "context" and len(full.tokens) == 3
 
 
 def test_log_probabilities(text_model):
