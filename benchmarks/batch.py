@@ -1,21 +1,22 @@
 """Batched decoding benchmark: aggregate decode tokens/s with 1, 2, 4, 8 concurrent streams, mlx-gemma4's
 BatchEngine beside mlx-lm's BatchGenerator on the same checkpoint.
 
-    python benchmarks/batch.py --model DIR [--streams 1,2,4,8] [--prompt 64] [--tokens 16]
-        [--peers mlx-lm-fp32,mlx-lm] [--json out.json]
+    python benchmarks/batch.py --model DIR [--streams 1,2,4,8] [--prompt 32] [--tokens 12] [--repeat 2]
+        [--peers mlx-lm-fp32] [--json out.json]
 
-Each system loads DIR (as benchmarks/bench.py does; see its docstring for the peers) in its own process and,
-for each stream count S, starts S greedy requests with different random prompts of --prompt tokens. Once every
-request has its first token (all prefilled and decoding together), it times the decode steps until all have
---tokens tokens: aggregate tok/s = tokens generated in that window / its seconds. A small untimed batch warms
-each system up first.
+One process loads every system (DIR as benchmarks/bench.py loads it; see its docstring for the peers) and, for
+each stream count S and each repeat, runs the systems in turn, so that they share the machine's conditions.
+A run starts S greedy requests with different random prompts of --prompt tokens; once every request has its
+first token (all prefilled and decoding together), it times the decode steps until all have --tokens tokens:
+aggregate tok/s = tokens generated in that window / its seconds. Reported: the best and the median over the
+repeats. A small untimed batch warms each system up first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,36 +69,39 @@ def decode_mlx_lm(model, batch: list[list[int]], tokens: int) -> tuple[int, floa
     return timed, time.perf_counter() - start
 
 
-def run_worker(name: str, path: Path, streams: list[int], prompt: int, tokens: int) -> dict:
-    import mlx.core as mx
-
+def run(names: list[str], path: Path, streams: list[int], prompt: int, tokens: int, repeat: int) -> dict:
     config = json.loads((path / "config.json").read_text())
     vocab = (config.get("text_config") or config)["vocab_size"]
-    model = _make_system(name, path).model
-    decode = decode_ours if name.startswith("mlx-gemma4") else decode_mlx_lm
-    decode(model, prompts(2, 8, vocab, seed=99), 3)  # warm-up
-    out = {"system": name, "streams": {}}
+    systems = {}
+    for name in names:
+        try:
+            systems[name] = _make_system(name, path).model
+        except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
+            systems[name] = e
+    decoders = {name: decode_ours if name.startswith("mlx-gemma4") else decode_mlx_lm for name in names}
+    for name, model in systems.items():
+        if not isinstance(model, Exception):
+            decoders[name](model, prompts(2, 8, vocab, seed=99), 3)  # warm-up
+    rates: dict[str, dict[int, list[float]]] = {name: {s: [] for s in streams} for name in names}
     for s in streams:
-        mx.reset_peak_memory()
-        n, seconds = decode(model, prompts(s, prompt, vocab, seed=s), tokens)
-        out["streams"][str(s)] = {"tokens": n, "seconds": seconds, "tok_s": n / seconds,
-                                  "peak_mlx_bytes": int(mx.get_peak_memory())}
+        for _ in range(repeat):
+            for name, model in systems.items():
+                if not isinstance(model, Exception):
+                    n, seconds = decoders[name](model, prompts(s, prompt, vocab, seed=s), tokens)
+                    rates[name][s].append(n / seconds)
+    out = {}
+    for name, model in systems.items():
+        if isinstance(model, Exception):
+            out[name] = {"error": f"{type(model).__name__}: {model}"}
+        else:
+            out[name] = {"streams": {str(s): {"best_tok_s": max(r), "median_tok_s": statistics.median(r), "runs": r}
+                                     for s, r in rates[name].items()}}
     return out
-
-
-def _spawn(system: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", str(args.model),
-           "--streams", args.streams, "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"system": system, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
 
 
 def markdown(results: dict, streams: list[int]) -> str:
     systems = list(results)
-    lines = ["| streams | " + " | ".join(f"{s} tok/s (x 1 stream)" for s in systems) + " |",
+    lines = ["| streams | " + " | ".join(f"{s} tok/s best / median (best x 1 stream)" for s in systems) + " |",
              "|---:" + "|---:" * len(systems) + "|"]
     for s in streams:
         cells = []
@@ -106,8 +110,9 @@ def markdown(results: dict, streams: list[int]) -> str:
             if "error" in r:
                 cells.append("error: " + r["error"][:60])
                 continue
-            rate, one = r["streams"][str(s)]["tok_s"], r["streams"][str(streams[0])]["tok_s"]
-            cells.append(f"{rate:.2f} ({rate / one:.2f}x)")
+            row, first = r["streams"][str(s)], r["streams"][str(streams[0])]
+            cells.append(f"{row['best_tok_s']:.2f} / {row['median_tok_s']:.2f} "
+                         f"({row['best_tok_s'] / first['best_tok_s']:.2f}x)")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -116,11 +121,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/batch.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--streams", default="1,2,4,8")
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per stream")
-    p.add_argument("--tokens", type=int, default=16, help="tokens generated per stream")
-    p.add_argument("--peers", default="mlx-lm-fp32,mlx-lm", help="comma-separated, or 'none'")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per stream")
+    p.add_argument("--tokens", type=int, default=12, help="tokens generated per stream")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--peers", default="mlx-lm-fp32", help="comma-separated (mlx-lm, mlx-lm-fp32), or 'none'")
     p.add_argument("--json", type=Path)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json")
@@ -128,18 +133,16 @@ def main(argv=None) -> int:
         streams = [int(s) for s in args.streams.split(",")]
     except ValueError:
         p.error(f"--streams must be integers separated by commas, got {args.streams!r}")
-    if min(streams) < 1 or args.tokens < 2 or args.prompt < 1:
-        p.error("--streams and --prompt must be >= 1, --tokens >= 2")
-    if args.worker:
-        print(json.dumps(run_worker(args.worker, args.model, streams, args.prompt, args.tokens)))
-        return 0
+    if min(streams) < 1 or args.tokens < 3 or args.prompt < 1 or args.repeat < 1:
+        p.error("--streams, --prompt and --repeat must be >= 1, --tokens >= 3")
     peers = [] if args.peers == "none" else args.peers.split(",")
     for peer in peers:
         if peer not in SYSTEMS or peer.startswith("mlx-gemma4") or peer == "transformers":
             p.error(f"unknown peer {peer!r}: expected mlx-lm or mlx-lm-fp32")
-    results = {name: _spawn(name, args) for name in ["mlx-gemma4", *peers]}
+    results = run(["mlx-gemma4", *peers], args.model, streams, args.prompt, args.tokens, args.repeat)
     info = _machine()
-    print(f"model {args.model} | {args.prompt}-token prompts, {args.tokens} tokens per stream, greedy | "
+    print(f"model {args.model} | {args.prompt}-token prompts, {args.tokens} tokens per stream, greedy, "
+          f"repeats {args.repeat} | "
           f"mlx {info.get('mlx')} | mlx-lm {info.get('mlx_lm')} | {info['processor']}, {info['cpus']} cpus | "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(markdown(results, streams))
