@@ -16,6 +16,7 @@ extended, never rewound, so reuse is exact for them too.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import time
 import uuid
@@ -164,8 +165,9 @@ class PrefixCache:
 
 
 def view_copy(caches: list) -> list:
-    """New cache objects over the same entries (their next write goes to a new buffer, never into these)."""
-    return [type(c).from_state(c.state) for c in caches]
+    """Copies the engine may write into. (A deep copy, as LRUPromptCache makes: slicing the arrays here would
+    leave lazy ops on this thread's MLX stream, which the engine's thread cannot evaluate.)"""
+    return copy.deepcopy(caches)
 
 
 class Generator:
@@ -286,9 +288,11 @@ class Generator:
         caches, cached = self.prefixes.fetch(prompt.key)
         start, media = cached, prompt.media
         if self.prefixes.enabled and prompt.boundary > cached:
+            # the prefix up to the boundary alone first (the engine writes into the caches it is given: a copy)
             k = prompt.boundary
             head = self.engine.submit(prompt.ids[:k], max_tokens=1, media=media, keep_cache=True,
-                                      prompt_cache=PromptCache(caches, prompt.ids[:cached]) if caches else None)
+                                      prompt_cache=PromptCache(view_copy(caches), prompt.ids[:cached])
+                                      if caches else None)
             try:
                 await self._wait(head)
             except RuntimeError as e:  # the prefill failed (not the client's doing: media were checked before)
