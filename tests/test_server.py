@@ -378,6 +378,64 @@ def test_models_and_health(text_server):
     assert httpx.get(text_server.url + "/v1/models").status_code == 401
 
 
+# -- the command line and the README's examples ---------------------------------------------------------------------
+def readme_section(title: str) -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_command_line_server_answers_the_readme_examples(text_server, chat_checkpoint):
+    """`python -m mlx_gemma4.server` as the README starts it (on the tiny checkpoint, float32, a free port), then
+    the README's openai and anthropic snippets and curl line, run as written against it: each prints
+    generate()'s answer."""
+    import contextlib
+    import re
+    import shlex
+    import socket
+    import subprocess
+    import sys
+
+    section = readme_section("Use it from your tools")
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    command = next(b for kind, b in blocks if kind == "bash" and "mlx_gemma4.server" in b).split("#")[0]
+    python_blocks = [b for kind, b in blocks if kind == "python"]
+    curl = next(b for kind, b in blocks if kind == "bash" and b.startswith("curl"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    local = lambda text: text.replace("127.0.0.1:8080", f"127.0.0.1:{port}")  # noqa: E731
+    argv = shlex.split(command.replace("google/gemma-4-E2B-it", str(chat_checkpoint("e2b")))
+                       .replace("--port 8080", f"--port {port}")) + ["--dtype", "float32", "--log-level", "warning"]
+    assert argv[:3] == ["python", "-m", "mlx_gemma4.server"]
+    process = subprocess.Popen([sys.executable, *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        question = [{"role": "user", "content": "Why is the sky blue?"}]
+        expected = parse_output(reference(text_server, question, max_tokens=100)).content
+        assert len(python_blocks) == 2
+        for block in python_blocks:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(compile(local(block), "README.md", "exec"), {})
+            assert printed.getvalue() == expected + "\n"
+        reply = json.loads(subprocess.run(["bash", "-c", local(curl)], capture_output=True, text=True,
+                                          check=True).stdout)
+        assert reply["choices"][0]["message"]["content"] == parse_output(
+            reference(text_server, [{"role": "user", "content": "Hi!"}], max_tokens=50)).content
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 # -- images and audio -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def media_server(multimodal_checkpoint, tmp_path_factory):
