@@ -23,6 +23,7 @@ element and takes ~19 s on the 262,144-token Gemma vocabulary; this parser takes
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from typing import Any, Iterator
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, TokenType
+
+from .errors import CheckpointError, ConfigError
+from .limits import check_block_count, check_gguf_alignment
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -169,18 +173,23 @@ def open_gguf(path: str | Path) -> GGUFFile:
     for _ in range(n_kv):
         key = reader.string("a metadata key")
         vtype = reader.scalar("<I", f"the type of {key}")
-        metadata[key] = reader.value(vtype, f"metadata {key!r}")
+        try:
+            metadata[key] = reader.value(vtype, f"metadata {key!r}")
+        except RecursionError:
+            raise CheckpointError(f"{path}: metadata {key!r} is an array nested too deeply") from None
 
     entries = []
     for _ in range(n_tensors):
         name = reader.string("a tensor name")
         n_dims = reader.scalar("<I", f"tensor {name!r}")
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise CheckpointError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF tensors have at most 4)")
         ne = [reader.scalar("<Q", f"tensor {name!r}") for _ in range(n_dims)]
         ggml_type = reader.scalar("<I", f"tensor {name!r}")
         offset = reader.scalar("<Q", f"tensor {name!r}")
         entries.append((name, ne, ggml_type, offset))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = check_gguf_alignment(metadata.get("general.alignment", DEFAULT_ALIGNMENT), path)
     data_start = -(-reader.pos // alignment) * alignment
     tensors: dict[str, TensorInfo] = {}
     for name, ne, ggml_type, offset in entries:
@@ -207,7 +216,7 @@ def _tensor_nbytes(name: str, ne: list[int], ggml_type: int, path: Path) -> int:
     if ne and ne[0] % block:
         raise ValueError(f"{path}: tensor {name!r}: row length {ne[0]} is not a multiple of {qtype.name}'s "
                          f"block size {block}")
-    n = int(np.prod(ne, dtype=np.int64)) if ne else 1
+    n = math.prod(int(d) for d in ne)  # Python ints: a crafted shape cannot overflow into a small size
     return n // block * type_size
 
 
@@ -498,7 +507,7 @@ def _common_config(gf: GGUFFile) -> dict[str, Any]:
     config = {
         "vocab_size": embed.shape[0],
         "hidden_size": int(_meta(gf, "embedding_length")),
-        "num_hidden_layers": int(_meta(gf, "block_count")),
+        "num_hidden_layers": check_block_count(_meta(gf, "block_count"), gf.tensors, gf.path),
         "num_attention_heads": int(_first(_meta(gf, "attention.head_count"))),
         "rms_norm_eps": float(_meta(gf, "attention.layer_norm_rms_epsilon", 1e-6)),
         "max_position_embeddings": int(_meta(gf, "context_length", 131072)),
@@ -518,6 +527,9 @@ def _gemma3_config(gf: GGUFFile) -> dict[str, Any]:
     # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes a 5:1 sliding:full pattern, a 10k local RoPE base and
     # the attention scale: 1/sqrt(head_dim), except the 62-layer 27B which uses 1/sqrt(hidden/heads).
     pattern = _meta(gf, "attention.sliding_window_pattern", 6)
+    if not isinstance(pattern, (list, int)) or isinstance(pattern, bool) or (isinstance(pattern, int) and pattern < 1):
+        raise ConfigError(f"{gf.path}: GGUF metadata attention.sliding_window_pattern = {pattern!r} must be a "
+                          "positive integer or a list of per-layer flags")
     if isinstance(pattern, list):
         layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
     else:
@@ -644,13 +656,14 @@ def _spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> lis
     return merges
 
 
-def _bpe_merges(raw_merges: list[str]) -> list[tuple[str, str]]:
+def _bpe_merges(raw_merges: list[str], path: Path) -> list[tuple[str, str]]:
     """tokenizer.ggml.merges entries ("left right", rank order) as pairs."""
     pairs = []
     for entry in raw_merges:
-        left, sep, right = entry.partition(" ")
+        left, sep, right = entry.partition(" ") if isinstance(entry, str) else ("", "", "")
         if not sep:
-            raise ValueError(f"malformed tokenizer.ggml.merges entry {entry!r}")
+            raise CheckpointError(f"{path}: malformed tokenizer.ggml.merges entry {entry!r:.60} (expected "
+                                  "'left right')")
         pairs.append((left, right))
     return pairs
 
@@ -675,7 +688,7 @@ def gguf_tokenizer(gf: GGUFFile):
         merges = _spm_merges(tokens, scores, types)
         pre_tokenizer = None
     elif tokenizer_model == "gemma4":
-        merges = _bpe_merges(md.get("tokenizer.ggml.merges", []))
+        merges = _bpe_merges(md.get("tokenizer.ggml.merges", []), gf.path)
         pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
     else:
         raise ValueError(f"{gf.path}: unsupported tokenizer.ggml.model {tokenizer_model!r} (expected 'llama' "
@@ -686,7 +699,10 @@ def gguf_tokenizer(gf: GGUFFile):
         vocab.setdefault(t, i)  # duplicate strings: the first id wins, as in llama.cpp's token_to_id
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None else None
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    except Exception as e:  # tokenizers raises a bare Exception (e.g. a merge of tokens not in the vocabulary)
+        raise CheckpointError(f"{gf.path}: the GGUF tokenizer cannot be built: {e}") from e
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     if pre_tokenizer is not None:
         tok.pre_tokenizer = pre_tokenizer

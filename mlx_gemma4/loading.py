@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten
 
 from . import backend
 from .config import ModelConfig, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, InputError
+from .limits import check_against_tensors, check_safetensors_header
 from .model import Gemma4
 from .compact import use_fast_products
 
@@ -66,8 +67,8 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
         raise FileNotFoundError(f"could not fetch {repo!r} from the Hugging Face Hub: {e}") from e
 
 
-def _check_safetensors(file: Path) -> list[str]:
-    """Validate a safetensors header against the file size; returns the tensor names."""
+def _check_safetensors(file: Path) -> dict[str, dict]:
+    """Validate a safetensors header against the file size; returns {tensor name: dtype/shape/data_offsets}."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -78,12 +79,9 @@ def _check_safetensors(file: Path) -> list[str]:
             raise CheckpointError(f"{file.name} is truncated: header says {n} bytes, file has {size}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file.name} is truncated: tensors need {8 + n + end} bytes, file has {size}")
-    return [k for k in header if k != "__metadata__"]
+    return check_safetensors_header(header, file, size - 8 - n)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -244,6 +242,9 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | 
                group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
                weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
     config = load_config(path)
+    header = {name: info for file in weight_files(path) for name, info in _check_safetensors(file).items()}
+    check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()},
+                          sum(e - b for i in header.values() for b, e in [i["data_offsets"]]), str(path))
     return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy,
                               weights_dtype=weights_dtype)
 
@@ -337,7 +338,17 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quan
     from . import gguf
 
     gf = gguf.open_gguf(path)
-    config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    try:
+        config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a metadata value of the wrong kind
+        raise ConfigError(f"{path}: the GGUF metadata does not describe a usable model ({type(e).__name__}: {e})") \
+            from e
+    arch = gguf._check_architecture(gf)
+    names = {n: gguf.hf_tensor_name(n, arch) for n in gf.tensors if not n.endswith(gguf._SPLIT_EXPERTS)}
+    check_against_tensors(config, {hf: gf.tensors[n].shape for n, hf in names.items() if hf is not None},
+                          sum(t.nbytes for t in gf.tensors.values()), str(path))
     # tensor by tensor into the target dtype: never the whole model in float32 at once
     target = backend.resolve_dtype(dtype, quantized=bool(quantize))
     weights = {}
