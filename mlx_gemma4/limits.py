@@ -12,7 +12,6 @@ CheckpointError naming both sides.
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -108,52 +107,7 @@ def check_against_tensors(config, shapes: dict[str, tuple[int, ...]], total_byte
             f"{total_bytes:,} bytes")
 
 
-
-
-# -- file headers ---------------------------------------------------------------------------------------------
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "U64": 8,
-                           "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-MAX_TENSOR_DIMS = 8
-
-
-def check_safetensors_header(header, file, data_bytes: int) -> dict[str, dict]:
-    """A parsed safetensors header, checked entry by entry: {name: {"dtype", "shape", "data_offsets"}} with a
-    known dtype, a shape of non-negative integers, and offsets inside the file's `data_bytes` whose span is
-    exactly the shape's bytes. CheckpointError naming the file and the tensor otherwise. Returns the tensors
-    (the optional `__metadata__` entry left out)."""
-    name = getattr(file, "name", str(file))
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{name}: the safetensors header must be a JSON object, not a {type(header).__name__}")
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        where = f"{name}: tensor {key!r}"
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: its header entry must be an object, not {type(info).__name__}")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where}: the shape must be a list of at most {MAX_TENSOR_DIMS} non-negative "
-                                  f"integers, got {shape!r:.80}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got "
-                                  f"{offsets!r:.80}")
-        if offsets[1] > data_bytes:
-            raise CheckpointError(f"{name} is truncated: tensor {key!r} needs bytes up to {offsets[1]} of the data, "
-                                  f"the file holds {data_bytes}")
-        expected = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
-        if offsets[1] - offsets[0] != expected:
-            raise CheckpointError(f"{where}: shape {shape} of {dtype} is {expected} bytes, but its data_offsets span "
-                                  f"{offsets[1] - offsets[0]}")
-        tensors[key] = info
-    return tensors
-
-
+# -- GGUF headers ---------------------------------------------------------------------------------------------
 MAX_GGUF_ALIGNMENT = 1 << 16
 
 

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,10 @@ from mlx.utils import tree_flatten
 from . import backend
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError
-from .limits import check_against_tensors, check_safetensors_header
-from .model import Gemma4
+from .limits import check_against_tensors
+from .model import Gemma4, is_tower_param
 from .compact import use_fast_products
+from .safetensors_io import read_header, tensor_bytes, weight_files
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -67,47 +66,11 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
         raise FileNotFoundError(f"could not fetch {repo!r} from the Hugging Face Hub: {e}") from e
 
 
-def _check_safetensors(file: Path) -> dict[str, dict]:
-    """Validate a safetensors header against the file size; returns {tensor name: dtype/shape/data_offsets}."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file.name} is truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{file.name} is truncated: header says {n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
-    return check_safetensors_header(header, file, size - 8 - n)
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (through the index when sharded), all checked to exist."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise CheckpointError(f"missing weight shards in {directory}: {', '.join(missing)}")
-        return [directory / f for f in files]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {directory}")
-    return files
-
-
 def read_weights(directory: Path) -> dict[str, mx.array]:
     """All tensors, memory-mapped lazily (nothing is read until used)."""
     weights: dict[str, mx.array] = {}
     for file in weight_files(directory):
-        _check_safetensors(file)
+        read_header(file)  # a truncated or corrupt file is a clear error, not one from mx.load
         try:
             weights.update(mx.load(str(file)))
         except Exception as e:
@@ -167,9 +130,6 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
-# parameter prefixes outside the decoder (vision_embedder: the 12B's encoder-free image front end)
-TOWERS = ("vision_tower", "audio_tower", "vision_embedder", "embed_vision", "embed_audio")
-
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
 # the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
 MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
@@ -208,7 +168,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if path.startswith(TOWERS):
+        if is_tower_param(path):
             return False  # towers stay in float: small, and their clipped linears need exact bounds
         rule = plan.get(path, True)
         if rule is False:
@@ -226,7 +186,7 @@ def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) 
     banks) in `compact`; norms, scalars and the towers in `compute`; integer (packed) tensors as stored."""
     if not mx.issubdtype(w.dtype, mx.floating):
         return w.dtype
-    if w.ndim >= 2 and not name.startswith(TOWERS):
+    if w.ndim >= 2 and not is_tower_param(name):
         return compact
     return compute
 
@@ -242,9 +202,8 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | 
                group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
                weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
     config = load_config(path)
-    header = {name: info for file in weight_files(path) for name, info in _check_safetensors(file).items()}
-    check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()},
-                          sum(e - b for i in header.values() for b, e in [i["data_offsets"]]), str(path))
+    header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
+    check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
     return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy,
                               weights_dtype=weights_dtype)
 
@@ -345,10 +304,7 @@ def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quan
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a metadata value of the wrong kind
         raise ConfigError(f"{path}: the GGUF metadata does not describe a usable model ({type(e).__name__}: {e})") \
             from e
-    arch = gguf._check_architecture(gf)
-    names = {n: gguf.hf_tensor_name(n, arch) for n in gf.tensors if not n.endswith(gguf._SPLIT_EXPERTS)}
-    check_against_tensors(config, {hf: gf.tensors[n].shape for n, hf in names.items() if hf is not None},
-                          sum(t.nbytes for t in gf.tensors.values()), str(path))
+    check_against_tensors(config, gguf.hf_tensor_shapes(gf), sum(t.nbytes for t in gf.tensors.values()), str(path))
     # tensor by tensor into the target dtype: never the whole model in float32 at once
     target = backend.resolve_dtype(dtype, quantized=bool(quantize))
     weights = {}
