@@ -133,16 +133,30 @@ class CompactEmbedding(nn.Embedding):
         return compact_matmul(x, self.weight)
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose rows come out in `compute_dtype` (MLX dequantizes the floating-point modes
+    to bfloat16 unless told otherwise); the tied LM head (`as_linear`) stays MLX's quantized product."""
+
+    compute_dtype = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        biases = self.get("biases")
+        return dequantize(self["weight"][x], self["scales"][x], None if biases is None else biases[x],
+                          self.group_size, self.bits, self.mode, self.compute_dtype)
+
+
 def use_fast_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
-    """Give the model's linears and embeddings the compact-aware products, in place (weights are shared):
-    every `nn.QuantizedLinear`, and with `compute_dtype` every float `nn.Linear` / `nn.Embedding`."""
-    swaps = {nn.QuantizedLinear: QuantizedLinear}
-    if compute_dtype is not None:
-        swaps.update({nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding})
+    """Give the model's linears and embeddings the compact-aware products, in place (weights are shared): every
+    quantized linear and embedding, and with `compute_dtype` every float `nn.Linear` / `nn.Embedding` whose weight
+    is stored in another dtype (quantized embeddings then return rows in `compute_dtype`)."""
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+    compact_floats = {nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding}
     for _, module in model.named_modules():
         # the subclasses add behaviour only (no state), so switching the class keeps the module as loaded
         new_class = swaps.get(type(module))
+        if compute_dtype is not None and type(module) in compact_floats and module.weight.dtype != compute_dtype:
+            new_class = compact_floats[type(module)]
         if new_class is not None:
             module.__class__ = new_class
-        if isinstance(module, CompactEmbedding):
+        if isinstance(module, (CompactEmbedding, QuantizedEmbedding)) and compute_dtype is not None:
             module.compute_dtype = compute_dtype
