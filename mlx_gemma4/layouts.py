@@ -164,8 +164,9 @@ def _rules(entry: dict, problems: list[str]) -> dict[str, dict | bool]:
         if parts is None:
             path = our_module_path(key)
             rules[path] = _as_rule(rule)
-            if isinstance(rule, dict) and isinstance(rule.get("down_proj"), dict):
-                rules[path + ".down_proj"] = _as_rule(rule["down_proj"])
+            for bank in ("gate_up_proj", "down_proj"):  # our expert modules' per-bank entries
+                if isinstance(rule, dict) and bank in rule:
+                    rules[f"{path}.{bank}"] = _as_rule(rule[bank])
             continue
         experts, proj, _ = parts
         bank = f"{our_module_path(experts)}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
@@ -207,7 +208,7 @@ def _matrices(path: str, module: nn.Module) -> list[tuple[str, str, str, int]]:
 def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entry: Any) -> tuple[dict, list[str]]:
     """Our quantization plan for a quantized MLX checkpoint (weights under our names, model not yet quantized):
     the global settings plus, for each quantizable module, how its tensors are quantized ({group_size, bits,
-    mode}; an expert module whose down bank differs gets a `down_proj` entry) or False.
+    mode}; for an expert module also `gate_up_proj` / `down_proj`, each bank's own or False) or False.
 
     Returns (plan, problems). A problem is an invalid setting, or a module whose tensors disagree with what the
     config declares for it: its own override, else the global setting when the module is quantized (modules the
@@ -222,6 +223,10 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entr
     if problem := quant_params_problem(**default):
         problems.append(f"global quantization setting: {problem}")
     rules = _rules(entry, problems)
+    problems += [f"{path}: {problem}" for path, rule in rules.items()
+                 if rule and (problem := quant_params_problem(**rule))]
+    if problems:  # settings no module could be checked against
+        return {}, problems
     plan: dict[str, Any] = dict(default)
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
@@ -238,12 +243,10 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entr
                 said = _describe(default if declared is None else declared)
                 problems.append(f"{matrix}: the config says {said}, its tensors are {_describe(stored)}")
             found.append(stored if isinstance(stored, dict) else False)
-        if len(found) == 2 and bool(found[0]) != bool(found[1]):
-            problems.append(f"{path}: one expert bank is quantized and the other is not")
-        elif len(found) == 2 and found[0] and found[1] != found[0]:
-            plan[path] = dict(found[0], down_proj=found[1])
+        if len(found) == 2 and any(found):  # expert banks: each its own (mlx-lm may leave one in float)
+            plan[path] = dict(found[0] or found[1], gate_up_proj=found[0], down_proj=found[1])
         else:
-            plan[path] = found[0]
+            plan[path] = found[0] if len(found) == 1 else False
     return plan, problems
 
 
@@ -261,6 +264,8 @@ def mlx_quantization_entry(model: nn.Module) -> dict | None:
             base = mlx_module_path(path) + ".switch_glu."
             for bank, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
                 q = module.quantization[bank]
+                if q is None:
+                    continue  # a float bank: no scales stored, which both loaders read as float
                 size = module[bank].size * 32 // q.bits // len(projs)
                 for proj in projs:
                     specs[base + proj] = {"group_size": q.group_size, "bits": q.bits, "mode": q.mode, "_size": size}
@@ -300,3 +305,27 @@ def published_text_config(text: dict, parsed) -> dict:
         if kvs and (kv_key == "num_key_value_heads" or parsed.attention_k_eq_v):
             text[kv_key] = kvs.pop()
     return text
+
+
+def mlx_config(raw: dict, config: ModelConfig, quantization: dict | None, fmt: str) -> dict:
+    """config.json for a checkpoint written in `fmt` ("mlx-vlm" or "mlx-lm"): a `gemma4` config (a Gemma 4 text
+    checkpoint is wrapped, as mlx_vlm/mlx_lm expect) in the published spelling, the top-level `vocab_size` mlx-lm
+    reads (it assumes 262144 otherwise), and the quantization entry under both keys as they write it. mlx-lm's
+    text-only layout has no tower configs."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if config.model_type == "gemma4_text":
+        keep = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings", "dtype")
+        raw = {"model_type": "gemma4", "text_config": dict(raw), **{k: raw[k] for k in keep if k in raw}}
+        raw["architectures"] = ["Gemma4ForConditionalGeneration"]
+    elif config.model_type != "gemma4":
+        raise ValueError(f"--format {fmt} writes Gemma 4 checkpoints; this one is {config.model_type!r}")
+    out = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config", "torch_dtype")}
+    out["text_config"] = published_text_config(raw["text_config"], config.text)
+    out["vocab_size"] = config.text.vocab_size
+    for kind in TOWER_PARTS:
+        if fmt == "mlx-lm" or getattr(config, kind) is None:
+            out.pop(f"{kind}_config", None)
+    if quantization:
+        out["quantization"] = out["quantization_config"] = quantization
+    return out

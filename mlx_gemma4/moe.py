@@ -63,13 +63,20 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         return expert_glu(x, indices, weights, ExpertBank(self.gate_up_proj), ExpertBank(self.down_proj))
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine",
-                     down_proj: dict | None = None, **kwargs) -> "QuantizedExperts":
-        """Both banks quantized alike, unless `down_proj` gives the down bank its own {group_size, bits, mode}
-        (mixed recipes give it more bits)."""
-        gate_up = BankQuantization(group_size, bits, mode)
-        down = BankQuantization(**{**gate_up.__dict__, **(down_proj or {})})
-        return QuantizedExperts.from_experts(self, gate_up, down)
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", *,
+                     gate_up_proj: dict | bool | None = None, down_proj: dict | bool | None = None,
+                     **kwargs) -> "QuantizedExperts":
+        """Both banks quantized alike, unless `gate_up_proj` / `down_proj` give a bank its own {group_size, bits,
+        mode} (mixed recipes give the down bank more bits) or False to keep it in float (mlx-lm leaves a bank
+        whose input width is not a multiple of the group size in float)."""
+        default = BankQuantization(group_size, bits, mode)
+
+        def spec(override):
+            if override is False:
+                return None
+            return BankQuantization(**{**default.__dict__, **override}) if isinstance(override, dict) else default
+
+        return QuantizedExperts.from_experts(self, spec(gate_up_proj), spec(down_proj))
 
 
 @dataclass(frozen=True)
@@ -82,15 +89,18 @@ class BankQuantization:
 
 
 class QuantizedExperts(nn.Module):
-    """MLX-quantized expert bank: `<bank>` packed uint32, `<bank>_scales`, and `<bank>_biases` in the affine mode.
-    The gate/up and down banks may be quantized differently."""
+    """MLX-quantized expert banks: `<bank>` packed uint32, `<bank>_scales`, and `<bank>_biases` in the affine mode.
+    Each bank has its own quantization (`quantization[bank]`), or None for a bank kept in float."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, gate_up: BankQuantization,
-                 down: BankQuantization):
+    def __init__(self, num_experts: int, hidden: int, inter: int, gate_up: BankQuantization | None,
+                 down: BankQuantization | None):
         super().__init__()
         self.quantization = {"gate_up_proj": gate_up, "down_proj": down}
         for name, (out_dim, in_dim) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
             q = self.quantization[name]
+            if q is None:
+                setattr(self, name, mx.zeros((num_experts, out_dim, in_dim)))
+                continue
             groups = (num_experts, out_dim, in_dim // q.group_size)
             setattr(self, name, mx.zeros((num_experts, out_dim, in_dim * q.bits // 32), mx.uint32))
             setattr(self, name + "_scales", mx.zeros(groups, mx.float32 if q.mode == "affine" else mx.uint8))
@@ -98,10 +108,14 @@ class QuantizedExperts(nn.Module):
                 setattr(self, name + "_biases", mx.zeros(groups))
 
     @classmethod
-    def from_experts(cls, experts: Experts, gate_up: BankQuantization, down: BankQuantization) -> "QuantizedExperts":
+    def from_experts(cls, experts: Experts, gate_up: BankQuantization | None,
+                     down: BankQuantization | None) -> "QuantizedExperts":
         E, two_i, H = experts.gate_up_proj.shape
         q = cls(E, H, two_i // 2, gate_up, down)
         for name, spec in q.quantization.items():
+            if spec is None:
+                setattr(q, name, getattr(experts, name))
+                continue
             w, scales, *biases = mx.quantize(getattr(experts, name), group_size=spec.group_size, bits=spec.bits,
                                              mode=spec.mode)
             setattr(q, name, w)
@@ -112,6 +126,8 @@ class QuantizedExperts(nn.Module):
 
     def bank(self, name: str) -> ExpertBank:
         q = self.quantization[name]
+        if q is None:
+            return ExpertBank(self[name])
         return ExpertBank(self[name], self[name + "_scales"], self.get(name + "_biases"), q.bits, q.group_size,
                           q.mode)
 
