@@ -1,7 +1,8 @@
 """The processor `load()` returns: the text side (tokenizer, chat template, stop tokens) of a checkpoint.
 
 `Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
-(chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one) and the stop tokens
+(chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one), processor_config.json (or the published
+one; a warning names the files that fell back) and the stop tokens
 (generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>).
 Images and audio clips (`prompt_inputs(..., images=[...], audio=[...])`) go into the user turn as
 `{"type": "image"}` / `{"type": "audio"}` items; each `<|image|>` / `<|audio|>` the template writes becomes
@@ -12,11 +13,15 @@ replace_image_token / replace_audio_token), and the pixel patches / log-mel feat
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking
+from .chat import BUILTIN_TEMPLATE, checkpoint_chat_template, parse_tool_calls, render_chat, split_thinking
 from .tokenizer import Tokenizer
+
+# google/gemma-4-*-it's processor_config.json (image, video and audio settings; the same for all four models)
+PUBLISHED_PROCESSOR_CONFIG = Path(__file__).resolve().parent.parent / "presets" / "processor_config.json"
 
 
 def _ids(value) -> list[int]:
@@ -65,7 +70,7 @@ class Processor:
     tokenizer: Tokenizer
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
-    processor_config: dict = field(default_factory=dict)  # processor_config.json, if any
+    processor_config: dict = field(default_factory=dict)  # processor_config.json (else the published one)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
@@ -74,10 +79,25 @@ class Processor:
         if not (directory / "tokenizer.json").is_file():
             return None
         tokenizer = Tokenizer.from_pretrained(directory)
+        fallbacks = []  # files the checkpoint lacks, replaced by the published Gemma 4 ones shipped here
+        chat_template = checkpoint_chat_template(directory)
+        if chat_template is None:
+            chat_template = BUILTIN_TEMPLATE.read_text()
+            fallbacks.append("chat_template.jinja")
         proc_file = directory / "processor_config.json"
-        return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
+        if proc_file.is_file():
+            processor_config = json.loads(proc_file.read_text())
+        else:
+            processor_config = json.loads(PUBLISHED_PROCESSOR_CONFIG.read_text())
+            if config is not None and (config.vision is not None or config.audio is not None):
+                fallbacks.append("processor_config.json")  # only towers read it
+        if fallbacks:
+            warnings.warn(f"{directory} has no {', '.join(fallbacks)}: using the published Gemma 4 "
+                          f"{' and '.join(f.split('.')[0].replace('_', ' ') for f in fallbacks)} shipped with "
+                          "mlx_gemma4", stacklevel=4)
+        return cls(tokenizer=tokenizer, chat_template=chat_template,
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=json.loads(proc_file.read_text()) if proc_file.is_file() else {})
+                   processor_config=processor_config)
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
