@@ -25,8 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import backend
-from .loading import load_model, resolve_path
+from . import backend, layouts
+from .loading import TOWERS, load_model, resolve_path
 
 # Non-weight files a checkpoint ships that `load` and the processors read.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -68,8 +68,11 @@ def save_shards(weights: dict[str, mx.array], out: Path, max_shard_bytes: int = 
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
             recipe: str = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
-            overwrite: bool = False) -> Path:
-    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`."""
+            overwrite: bool = False, fmt: str = "mlx-vlm") -> Path:
+    """Convert `src` (directory or Hub id, any layout `load` reads) into an MLX checkpoint at `out` in `fmt`
+    ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`."""
+    if fmt not in layouts.FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(layouts.FORMATS)})")
     src_path = resolve_path(src)
     out = Path(out)
     if out.resolve() == src_path.resolve():
@@ -82,16 +85,17 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     dtype = dtype or source_dtype(raw)
     target = backend.resolve_dtype(dtype)
     model = load_model(src_path, dtype=target, quantize=bits, group_size=group_size, recipe=recipe)
+    if "lm_head" in model and fmt == "mlx-vlm":
+        raise ValueError("mlx-vlm's Gemma 4 ties the LM head to the token embeddings, but this checkpoint has its "
+                         "own lm_head; use --format mlx-lm")
+    config = layouts.mlx_config(raw, model.config, layouts.mlx_quantization_entry(model), fmt)
+    config["dtype"] = str(target).split(".")[-1]
 
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-    save_shards(weights, out, int(max_shard_gb * (1 << 30)))
-    config = dict(raw)
-    config.pop("quantization_config", None)
-    if model.config.quantization:
-        config["quantization"] = model.config.quantization
-    config["dtype"] = str(target).split(".")[-1]
-    config.pop("torch_dtype", None)
+    if fmt == "mlx-lm":
+        weights = {k: v for k, v in weights.items() if not k.startswith(TOWERS)}
+    save_shards(layouts.to_mlx_layout(weights), out, int(max_shard_gb * (1 << 30)))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SIDE_FILES:
         if (src_path / name).is_file():
@@ -110,6 +114,9 @@ def main(argv=None) -> int:
                    help="mixed: keep embeddings, PLE and MoE router at 8 bits")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
+    p.add_argument("--format", choices=layouts.FORMATS, default="mlx-vlm", dest="fmt",
+                   help="mlx-vlm: text + towers (default); mlx-lm: text only. Both load in mlx_gemma4, "
+                        "mlx-vlm / mlx-lm and each other")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -117,12 +124,15 @@ def main(argv=None) -> int:
         p.error("--recipe mixed needs --bits")
     try:
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
-    print(f"wrote {out} ({q})", file=sys.stderr)
+    quant = json.loads((out / "config.json").read_text()).get("quantization")
+    q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
+    if args.bits:
+        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+    print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
     return 0
 
 
