@@ -3,7 +3,7 @@
     python apps/gemma4_app.py --model google/gemma-4-E2B-it [--port 7860] [--quantize 4]
 
 Opens on http://127.0.0.1:PORT. Streaming chat with multi-turn history that keeps the KV cache between turns
-(`generate.ChatSession`), image / audio attachments (upload, webcam, paste, microphone), sampling controls,
+(`session.ChatSession`), image / audio attachments (upload, webcam, paste, microphone), sampling controls,
 a stop button, a model picker with load-time quantization, stats after every reply and, for the
 mixture-of-experts model (26B A4B), a plot of the experts each layer used for the reply.
 
@@ -186,7 +186,7 @@ class Conversation:
         self.stop = threading.Event()
 
     def session_for(self, host: ModelHost, settings: Settings):
-        from mlx_gemma4.generate import ChatSession
+        from mlx_gemma4.session import ChatSession
 
         key = (host.generation, settings.system, bool(settings.thinking))
         if self.session is None or self.session_key != key:

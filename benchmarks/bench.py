@@ -75,9 +75,9 @@ class MlxGemma4:
         return PromptCache.fresh(self.model)
 
     def prefill(self, tokens, cache, chunk: int) -> int:
-        """mlx_gemma4.generate.prefill (what generation runs): chunks evaluating only the caches, logits of the
+        """mlx_gemma4.engine.prefill (what generation runs): chunks evaluating only the caches, logits of the
         last position of the last chunk; returns the greedy first token."""
-        from mlx_gemma4.generate import prefill
+        from mlx_gemma4.engine import prefill
 
         logits = prefill(self.model, [int(t) for t in tokens], cache, step_size=chunk)
         return int(self.mx.argmax(logits[0]).item())

@@ -16,10 +16,8 @@ a multiple of the group size stay in float.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -103,38 +101,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.convert",
-                                description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
-    p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
-    p.add_argument("--format", choices=layouts.FORMATS, default="mlx-vlm", dest="fmt",
-                   help="mlx-vlm: text + towers (default); mlx-lm: text only. Both load in mlx_gemma4, "
-                        "mlx-vlm / mlx-lm and each other")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None:
-        p.error("--recipe mixed needs --bits")
-    try:
-        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
-    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    quant = json.loads((out / "config.json").read_text()).get("quantization")
-    q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
-    if args.bits:
-        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
-    print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
-    return 0
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import convert_main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(convert_main())

@@ -1,16 +1,12 @@
-"""Text generation: the Python API (`generate`, `stream_generate`) and the command line.
+"""Text generation, the Python API: `generate` (the reply as a string) and `stream_generate` (text pieces as
+they are decoded, the last one with the stats). Prompts are strings, message lists or token ids; the decoding
+itself is `engine.py`'s.
 
-    python -m mlx_gemma4.generate --model google/gemma-4-E2B-it --prompt "Why is the sky blue?"
-    python -m mlx_gemma4.generate --model PATH --chat            # multi-turn REPL, KV cache kept between turns
-
-Tokens stream to stdout as they are generated; a stats line (prompt and generation tokens and tok/s, peak
-memory, BLAS) goes to stderr at the end.
+The command line is `cli.py`'s (`mlx-gemma4`); `python -m mlx_gemma4.generate ...` runs it too.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 import warnings
@@ -20,10 +16,9 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
-from .prompt_cache import PromptCache, load_prompt_cache
-from .sample import LogitsProcessor, apply_logits_processors, make_logits_processors, make_sampler
-
-DEFAULT_MODEL = "google/gemma-4-E2B-it"
+from .engine import generate_step
+from .prompt_cache import PromptCache
+from .sample import LogitsProcessor, make_logits_processors, make_sampler
 
 
 @dataclass
@@ -51,63 +46,6 @@ class GenerationChunk:
     stats: GenerationStats
 
 
-# -- the decoding loop ----------------------------------------------------------------------------------------
-def prefill(model, ids: Sequence[int], prompt_cache: PromptCache, step_size: int = 512,
-            media: dict | None = None) -> mx.array:
-    """Run `ids` through the model into the caches, about `step_size` tokens at a time; logits (1, V) of the
-    last position. `media`: image/audio arrays for `model.prepare_inputs` (names as transformers' processor
-    outputs: pixel_values, image_position_ids, input_features, ...) whose soft tokens replace the prompt's
-    placeholder tokens; chunks then never split an image."""
-    if not ids:
-        raise ValueError("nothing to prefill: the prompt is empty (or entirely in the prompt cache)")
-    ids_arr = mx.array(list(ids), dtype=mx.int32)[None]
-    if media:
-        inputs = model.prepare_inputs(ids_arr, **media)
-        spans = inputs.chunks(step_size)
-        for start, end in spans[:-1]:
-            model(**inputs.span(start, end), cache=prompt_cache.caches, last_only=True)
-            prompt_cache.eval()
-        logits = model(**inputs.span(*spans[-1]), cache=prompt_cache.caches, last_only=True)[:, -1, :]
-    else:
-        while ids_arr.shape[1] > step_size:
-            model(ids_arr[:, :step_size], cache=prompt_cache.caches, last_only=True)
-            prompt_cache.eval()
-            ids_arr = ids_arr[:, step_size:]
-        logits = model(ids_arr, cache=prompt_cache.caches, last_only=True)[:, -1, :]
-    prompt_cache.tokens.extend(int(i) for i in ids)
-    return logits
-
-
-def generate_step(model, ids: Sequence[int], prompt_cache: PromptCache, sampler, *,
-                  logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
-                  prefill_step_size: int = 512, media: dict | None = None) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids after prefilling `ids`. Each yielded token except the last is fed
-    back (and recorded in prompt_cache.tokens) before it is yielded, so the next step overlaps the caller."""
-    history = mx.array(list(prompt_cache.tokens) + list(ids), dtype=mx.int32)[None] if logits_processors else None
-
-    def sample(logits):
-        nonlocal history
-        if logits_processors:
-            logits = apply_logits_processors(logits_processors, history, logits)
-        token = sampler(logits.astype(mx.float32))
-        if history is not None:
-            history = mx.concatenate([history, token[:, None].astype(mx.int32)], axis=1)
-        return token
-
-    token = sample(prefill(model, ids, prompt_cache, prefill_step_size, media))
-    mx.async_eval(token)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:  # feed this token while the caller handles it
-            next_token = sample(model(token[:, None], cache=prompt_cache.caches)[:, -1, :])
-            mx.async_eval(next_token)
-        value = int(token.item())
-        if n + 1 < max_tokens:
-            prompt_cache.tokens.append(value)
-        yield value
-        if n + 1 < max_tokens:
-            token = next_token
-
-
 def _peak_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -124,7 +62,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
     prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
-    for token-id prompts whose placeholders are already expanded (see `prefill`). The last chunk carries
+    for token-id prompts whose placeholders are already expanded (see `engine.prefill`). The last chunk carries
     finish_reason."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -197,197 +135,7 @@ def generate(model, processor, prompt, *, verbose: bool = False, **kwargs) -> st
     return "".join(pieces)
 
 
-# -- chat sessions (the REPL) ---------------------------------------------------------------------------------
-class ChatSession:
-    """Multi-turn chat that keeps the KV caches between turns and only prefills each turn's new tokens.
+if __name__ == "__main__":  # runs as the module __main__, so this is no import cycle
+    from mlx_gemma4.cli import main
 
-    Each new turn feeds the template's text between the cached history and the new generation prompt (the
-    close of the previous reply and the new user turn). The cache holds the reply as generated (with its empty
-    thought channel), where re-rendering the history would drop that; the difference is the template's own
-    history formatting, which a cache that cannot be rewound (sliding windows) cannot replay."""
-
-    def __init__(self, model, processor, *, system: str | None = None, enable_thinking: bool = False, tools=None):
-        self.model, self.processor = model, processor
-        self.enable_thinking, self.tools = enable_thinking, tools
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.cache = PromptCache.fresh(model)
-        self._unfed: list[int] = []
-        self._fed_extra: list[int] = []
-
-    def _render(self, messages, generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tools=self.tools, enable_thinking=self.enable_thinking,
-                                                  add_generation_prompt=generation_prompt)
-
-    def _turn_ids(self, user_text: str) -> list[int]:
-        """The full token ids of the conversation plus this user turn, as the cache should see them."""
-        messages = [*self.messages, {"role": "user", "content": user_text}]
-        if not self.cache.tokens:
-            return self.processor.encode(self._render(messages, True))
-        reply = self.processor.split_thinking(self.messages[-1]["content"])[1]
-        history = self._render(self.messages, False)
-        full = self._render(messages, True)
-        at = history.rfind(reply) if reply else -1
-        if at < 0 or not full.startswith(history):
-            return self.processor.encode(full)  # no clean continuation: prefill from scratch
-        closing = history[at + len(reply):]
-        fed_after_reply = self.processor.decode(self._fed_extra)
-        if closing.startswith(fed_after_reply):
-            closing = closing[len(fed_after_reply):]
-        delta = closing + full[len(history):]
-        return self.cache.tokens + self._unfed + self.processor.encode(delta, add_bos=False)
-
-    def send(self, user_text: str, **generation_kwargs) -> Iterator[GenerationChunk]:
-        ids = self._turn_ids(user_text)
-        self.messages.append({"role": "user", "content": user_text})
-        reply, generated, start = [], [], len(self.cache.tokens)
-        chunk = None
-        for chunk in stream_generate(self.model, self.processor, ids, prompt_cache=self.cache, **generation_kwargs):
-            reply.append(chunk.text)
-            if chunk.token is not None:
-                generated.append(chunk.token)
-            yield chunk
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
-        fed = self.cache.tokens[start + chunk.stats.prompt_tokens:]
-        self._unfed = generated[len(fed):]  # the last token of a reply cut by max_tokens is not in the cache
-        self._fed_extra = fed[len(generated):]  # the stop token is in the cache but not in the reply
-
-
-# -- command line ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.generate", description="Generate text with Gemma 4 on MLX.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory or Hub repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--prompt", help="the user message ('-' reads stdin); required unless --chat")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=_positive_int, default=256)
-    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature (0 = greedy, default)")
-    p.add_argument("--top-p", type=_probability, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=_probability, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--thinking", action="store_true", help="let the model think before answering")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--image", nargs="+", default=[], metavar="PATH")
-    p.add_argument("--max-soft-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
-                   help="soft tokens per image (default: the checkpoint's, 280)")
-    p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
-    p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `python -m mlx_gemma4.prompt_cache`")
-    p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16 (default: the backend's best)")
-    p.add_argument("--weights-dtype", default=None,
-                   help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
-                        "upcast per call (default: the compute dtype)")
-    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
-    return p
-
-
-def load_for_cli(model_id, dtype=None, quantize=None, weights_dtype=None):
-    from .loading import load
-
-    model, processor = load(model_id, dtype=dtype, quantize=quantize, weights_dtype=weights_dtype)
-    if processor is None:
-        raise FileNotFoundError(f"{model_id} has no tokenizer.json; it cannot be prompted with text")
-    return model, processor
-
-
-def _check_files(paths: list[str], kind: str) -> None:
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--{kind}: no such file: {path}")
-        if not os.access(path, os.R_OK):
-            raise PermissionError(f"--{kind}: cannot read {path}")
-
-
-def _run_chat(model, processor, args, gen_kwargs) -> None:
-    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking)
-    first = args.prompt
-    interactive = sys.stdin.isatty()
-    while True:
-        if first is not None:
-            text, first = first, None
-        else:
-            if interactive:
-                print(">> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                break
-            text = line.strip()
-            if text in ("/exit", "/quit"):
-                break
-            if not text:
-                continue
-        chunk = None
-        for chunk in session.send(text, **gen_kwargs):
-            print(chunk.text, end="", flush=True)
-        print(flush=True)
-        print(chunk.stats.summary(), file=sys.stderr, flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.prompt is None and not args.chat:
-        parser.error("--prompt is required (or use --chat)")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.top_p == 0:
-        parser.error("--top-p must be > 0")
-    if args.min_p == 1:
-        parser.error("--min-p must be < 1")
-    if args.no_chat_template and (args.system or args.thinking or args.chat):
-        parser.error("--system, --thinking and --chat need the chat template (drop --no-chat-template)")
-    try:
-        _check_files(args.image, "image")
-        _check_files(args.audio, "audio")
-        if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
-            raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
-                             "--no-chat-template)")
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
-        gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
-        if args.chat:
-            args.prompt = prompt
-            _run_chat(model, processor, args, gen_kwargs)
-            return 0
-        prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
-        chunk = None
-        for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
-                                     use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                     images=args.image or None, audio=args.audio or None,
-                                     max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
-            print(chunk.text, end="", flush=True)
-        print(flush=True)
-        print(chunk.stats.summary(), file=sys.stderr)
-        return 0
-    except (FileNotFoundError, PermissionError, NotImplementedError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

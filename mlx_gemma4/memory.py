@@ -21,7 +21,6 @@ synthetic checkpoint maker (`mlx_gemma4.synth`) writes exactly what the planner 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -33,6 +32,8 @@ from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
+# presets beyond the four verified configs (synth writes them): the 12B and the MTP drafter of each model
+FAMILY_PRESETS = ("12b",) + tuple(f"{v}-assistant" for v in VARIANTS + ("12b",))
 GROUP_SIZE = 64
 GiB = 1024**3
 
@@ -45,9 +46,15 @@ SAFETENSORS_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "I32": 4, "U
 
 
 def load_preset(variant: str) -> dict:
-    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b, 12b) or of its drafter (e2b-assistant, ...).
+
+    The 12B's and the drafters' files are reconstructions (no byte copy was available offline): their dimensions
+    come from transformers' Gemma4Unified* defaults, mlx-vlm's gemma4_unified defaults and published drafter
+    configs quoted in third-party code; the drafters' parameter counts match their model cards (78 M for E2B,
+    0.4-0.5 B for 26B/31B)."""
+    if variant not in VARIANTS + FAMILY_PRESETS:
+        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of "
+                         f"{', '.join(VARIANTS + FAMILY_PRESETS)}")
     return json.loads((PRESETS_DIR / f"{variant}.json").read_text())
 
 
@@ -293,7 +300,7 @@ class MemoryEstimate:
 
 def _text_weight_key(key: str) -> bool:
     """Text-decoder tensors in either layout (ours `language_model.*`, HF `model.language_model.*`/`model.*`)."""
-    towers = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+    towers = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
     return not any(t in key for t in towers)
 
 
@@ -432,29 +439,7 @@ def default_dtype_name() -> str:
     return str(resolve_dtype()).replace("mlx.core.", "")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mlx_gemma4.memory", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="local checkpoint dir, variant (e2b, e4b, 26b-a4b, 31b) or hub id")
-    ap.add_argument("--context", type=int, required=True, help="tokens in the context (prompt + generated)")
-    ap.add_argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: the checkpoint's)")
-    ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized KV cache")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
-                    help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
-    ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
-                    help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
-    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
-    ap.add_argument("--ram", type=float, help="RAM in GiB to check the total against")
-    args = ap.parse_args(argv)
-    try:
-        config, directory = resolve_model(args.model)
-        dtype = args.dtype or default_dtype_name()
-        est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
-                       chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"model {args.model}, compute dtype {dtype}")
-    print(format_estimate(est, args.context, args.ram))
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import memory_main
 
-
-if __name__ == "__main__":
-    main()
+    raise SystemExit(memory_main())

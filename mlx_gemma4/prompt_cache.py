@@ -125,33 +125,7 @@ def prefix_ids(processor, prefix: str, *, system: str | None = None, use_chat_te
     return ids[:-1]
 
 
-def main(argv=None) -> int:
-    import argparse
-    import sys
+if __name__ == "__main__":  # the command line lives in cli.py
+    from mlx_gemma4.cli import prompt_cache_main
 
-    from .generate import DEFAULT_MODEL, load_for_cli, prefill
-
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma4.prompt_cache",
-                                     description="Prefill a prompt and save its KV caches to a file.")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prompt", default="", help="start of the user message shared by later prompts ('-': stdin)")
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--no-chat-template", action="store_true", help="the prefix is raw text")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    args = parser.parse_args(argv)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, processor = load_for_cli(args.model)
-    ids = prefix_ids(processor, text, system=args.system, use_chat_template=not args.no_chat_template)
-    pc = PromptCache.fresh(model)
-    prefill(model, ids, pc)
-    try:
-        save_prompt_cache(args.out, pc, model, {"model": str(args.model)})
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"saved {len(ids)} prompt tokens to {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(prompt_cache_main())

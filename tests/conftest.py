@@ -1,17 +1,13 @@
-"""Shared pytest fixtures. Test checkpoints come from tests/checkpoints.py (made once per session)."""
+"""Shared pytest fixtures. Test checkpoints come from tests/checkpoints/ (made once per session)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import mlx_gemma4  # noqa: E402,F401  (loads the optimized BLAS before mlx.core)
-import checkpoints  # noqa: E402
+import mlx_gemma4  # noqa: F401  (loads the optimized BLAS before mlx.core)
+import checkpoints  # tests/checkpoints/ (tests/ is on pytest's pythonpath)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / ".test-artifacts"
 
@@ -102,4 +98,14 @@ def vision_chat_checkpoint(multimodal_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("chat-e2b-vision")
     shutil.copytree(multimodal_checkpoint("e2b"), out, dirs_exist_ok=True)
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@pytest.fixture(scope="session")
+def unified_chat_checkpoint(tmp_path_factory):
+    """A tiny Gemma 4 12B-like checkpoint (checkpoints.family.make_unified_checkpoint: text + encoder-free image
+    and audio front ends) plus the 512-id tokenizer with MM_TOKEN_IDS."""
+    from checkpoints import family
+
+    out = family.make_unified_checkpoint(tmp_path_factory.mktemp("chat-12b-unified"))
     return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)

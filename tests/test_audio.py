@@ -1,5 +1,5 @@
 """Audio tower + embed_audio parity with transformers (`Gemma4AudioModel`, `Gemma4Model.get_audio_features`) on
-tiny random weights (tests/checkpoints.py: norms 1 + 0.3*randn, per_dim_scale randn, finite clip bounds that
+tiny random weights (tests/checkpoints/audio.py: norms 1 + 0.3*randn, per_dim_scale randn, finite clip bounds that
 bite, a small logit cap and gradient-clipping bound), float32, 1e-4 relative."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_gemma4 import generate as gen_cli
+from mlx_gemma4 import cli as gen_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

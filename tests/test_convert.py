@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gemma4 import convert as convert_cli
+from mlx_gemma4 import cli
 from mlx_gemma4.convert import convert
 from mlx_gemma4.loading import MIXED_8BIT, load
 
@@ -136,14 +136,14 @@ def test_convert_errors(chat_checkpoint, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not empty"):
         convert(src, tmp_path / "taken", bits=4)
     with pytest.raises(SystemExit):
-        convert_cli.main(["--model", str(src), "--out", str(tmp_path / "o"), "--bits", "3"])
+        cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--bits", "3"])
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        convert_cli.main(["--model", str(src), "--out", str(tmp_path / "o"), "--recipe", "mixed"])
+        cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--recipe", "mixed"])
     assert "--recipe mixed needs --bits" in capsys.readouterr().err
-    assert convert_cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.convert_main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert "no checkpoint directory" in capsys.readouterr().err
-    assert convert_cli.main(["--model", str(src), "--out", str(tmp_path / "ok"), "--bits", "4",
+    assert cli.convert_main(["--model", str(src), "--out", str(tmp_path / "ok"), "--bits", "4",
                              "--recipe", "mixed"]) == 0
     assert "4-bit mixed" in capsys.readouterr().err
     with pytest.raises(ValueError, match="already quantized"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlx_gemma4.generate import ChatSession, generate, stream_generate
+from mlx_gemma4.generate import generate, stream_generate
+from mlx_gemma4.session import ChatSession
 from mlx_gemma4.loading import load
 from mlx_gemma4.processing import Processor
 
@@ -159,7 +160,7 @@ def test_chat_session_after_stop_token_closes_turn_once(e2b):
 def test_media_prefill_path_matches_text_path(e2b):
     """The multimodal prefill (model.prepare_inputs + chunk spans) with no media present generates exactly what
     the text path does; a prompt cache prefix with media is refused."""
-    from mlx_gemma4.generate import prefill
+    from mlx_gemma4.engine import prefill
     from mlx_gemma4.prompt_cache import PromptCache
 
     model, processor = e2b

@@ -106,7 +106,7 @@ def test_generate_cli_with_audio_file(audio_chat_checkpoint, tmp_path):
 
 
 def test_generate_cli_audio_errors(audio_chat_checkpoint, tmp_path, capsys):
-    from mlx_gemma4 import generate as gen_cli
+    from mlx_gemma4 import cli as gen_cli
 
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"not audio at all")

