@@ -153,23 +153,24 @@ def _describe(q: dict | bool) -> str:
     return f"{q['mode']} {q['bits']}-bit, group size {q['group_size']}" if q else "float (not quantized)"
 
 
-def _rules(entry: dict, problems: list[str]) -> dict[str, dict | bool]:
-    """The config's per-module overrides keyed by our matrix paths: a module path, or `<experts>.gate_up_proj` /
-    `<experts>.down_proj` for one expert bank (from SwitchGLU overrides, or the `down_proj` entry of ours)."""
+def _rules(entry: dict, problems: list[str], rename) -> dict[str, dict | bool]:
+    """The config's per-module overrides keyed by our matrix paths (`rename` maps a checkpoint module path onto
+    ours): a module path, or `<experts>.gate_up_proj` / `<experts>.down_proj` for one expert bank (from SwitchGLU
+    overrides, or our expert modules' per-bank entries)."""
     rules: dict[str, dict | bool] = {}
     for key, rule in entry.items():
         if not (isinstance(rule, dict) or rule is False):
             continue
         parts = _switch_glu_parts(key + ".weight")
         if parts is None:
-            path = our_module_path(key)
+            path = rename(key)
             rules[path] = _as_rule(rule)
             for bank in ("gate_up_proj", "down_proj"):  # our expert modules' per-bank entries
                 if isinstance(rule, dict) and bank in rule:
                     rules[f"{path}.{bank}"] = _as_rule(rule[bank])
             continue
         experts, proj, _ = parts
-        bank = f"{our_module_path(experts)}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        bank = f"{rename(experts)}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
         if bank in rules and rules[bank] != _as_rule(rule):
             problems.append(f"{experts}.switch_glu: gate_proj and up_proj are declared with different "
                             "quantizations; they form one gate/up bank here")
@@ -205,11 +206,13 @@ def _matrices(path: str, module: nn.Module) -> list[tuple[str, str, str, int]]:
     return [(path, f"{path}.weight", f"{path}.scales", module.weight.shape[-1])]
 
 
-def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entry: Any) -> tuple[dict, list[str]]:
+def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entry: Any,
+                            rename=our_module_path) -> tuple[dict, list[str]]:
     """Our quantization plan for a quantized MLX checkpoint (weights under our names, model not yet quantized):
     the global settings plus, for each quantizable module, how its tensors are quantized ({group_size, bits,
     mode}; for an expert module also `gate_up_proj` / `down_proj`, each bank's own or False) or False.
 
+    `rename` maps the module paths the entry names onto ours (mlx-lm's Gemma 4 text-only model says `model.X`).
     Returns (plan, problems). A problem is an invalid setting, or a module whose tensors disagree with what the
     config declares for it: its own override, else the global setting when the module is quantized (modules the
     config does not name may stay in float, as mlx-lm and mlx-vlm write them)."""
@@ -222,7 +225,7 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entr
     default = {"group_size": entry.get("group_size"), "bits": entry.get("bits"), "mode": entry.get("mode", "affine")}
     if problem := quant_params_problem(**default):
         problems.append(f"global quantization setting: {problem}")
-    rules = _rules(entry, problems)
+    rules = _rules(entry, problems, rename)
     problems += [f"{path}: {problem}" for path, rule in rules.items()
                  if rule and (problem := quant_params_problem(**rule))]
     if problems:  # settings no module could be checked against
@@ -308,24 +311,25 @@ def published_text_config(text: dict, parsed) -> dict:
 
 
 def mlx_config(raw: dict, config: ModelConfig, quantization: dict | None, fmt: str) -> dict:
-    """config.json for a checkpoint written in `fmt` ("mlx-vlm" or "mlx-lm"): a `gemma4` config (a Gemma 4 text
-    checkpoint is wrapped, as mlx_vlm/mlx_lm expect) in the published spelling, the top-level `vocab_size` mlx-lm
-    reads (it assumes 262144 otherwise), and the quantization entry under both keys as they write it. mlx-lm's
-    text-only layout has no tower configs."""
+    """config.json for a checkpoint written in `fmt` ("mlx-vlm" or "mlx-lm"): the quantization entry under both
+    keys as they write it and, for Gemma 4, a `gemma4` config (a text-only `gemma4_text` one is wrapped, as
+    mlx_vlm/mlx_lm expect) in the published spelling with the top-level `vocab_size` mlx-lm reads (it assumes
+    262144 otherwise); mlx-lm's text-only layout has no tower configs."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    out = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config", "torch_dtype")}
+    if quantization:
+        out["quantization"] = out["quantization_config"] = quantization
+    if config.model_type not in ("gemma4", "gemma4_text"):
+        return out  # other family members (Gemma 3, the 12B, drafters) keep their config: only we read them
     if config.model_type == "gemma4_text":
         keep = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings", "dtype")
-        raw = {"model_type": "gemma4", "text_config": dict(raw), **{k: raw[k] for k in keep if k in raw}}
-        raw["architectures"] = ["Gemma4ForConditionalGeneration"]
-    elif config.model_type != "gemma4":
-        raise ValueError(f"--format {fmt} writes Gemma 4 checkpoints; this one is {config.model_type!r}")
-    out = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config", "torch_dtype")}
-    out["text_config"] = published_text_config(raw["text_config"], config.text)
+        out = {"model_type": "gemma4", "text_config": dict(raw), **{k: out[k] for k in out if k in keep + (
+            "quantization", "quantization_config")}}
+        out["architectures"] = ["Gemma4ForConditionalGeneration"]
+    out["text_config"] = published_text_config(out["text_config"], config.text)
     out["vocab_size"] = config.text.vocab_size
     for kind in TOWER_PARTS:
         if fmt == "mlx-lm" or getattr(config, kind) is None:
             out.pop(f"{kind}_config", None)
-    if quantization:
-        out["quantization"] = out["quantization_config"] = quantization
     return out

@@ -272,7 +272,8 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     weights = sanitize(hf_weights, model)
     hf_weights.clear()
     if (entry := layouts.quantization_entry(config.raw)) is not None:
-        plan, problems = layouts.checkpoint_quantization(model, weights, entry)
+        plan, problems = layouts.checkpoint_quantization(
+            model, weights, entry, lambda name: to_our_name(layouts.our_module_path(name), config))
         if problems:
             raise CheckpointError(f"quantized checkpoint{f' {path}' if path else ''} does not load "
                                   f"({len(problems)} problems):\n  " + "\n  ".join(problems))

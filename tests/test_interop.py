@@ -9,6 +9,7 @@ import shutil
 import warnings
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_map
@@ -26,32 +27,38 @@ PROMPT = [2, 17, 45, 99, 3, 250, 31, 7, 88, 120, 400, 5, 6, 77, 300, 12, 19, 200
 TOL = 2e-3  # max |difference| / max |logit|, float32 compute on both sides
 GREEDY_STEPS = 6
 
-# name: (library, variant, with towers, convert options). Several group sizes, affine 3/4/5/6/8 bits (mixed_3_6
-# gives the experts' down bank 6 bits and the gate/up bank 3), mxfp4/mxfp8/nvfp4 and bf16.
+# name: (library, source, convert options); source: (variant, with towers, wrapper). Several group sizes, affine
+# 3/4/5/6/8 bits (mixed_3_6 gives the experts' down bank 6 bits and the gate/up bank 3), mxfp4/mxfp8/nvfp4, bf16.
 CONVERSIONS = {
-    "mlx-vlm-e2b-4bit-g32": ("mlx-vlm", "e2b", True, dict(bits=4, group_size=32)),
-    "mlx-vlm-e2b-bf16": ("mlx-vlm", "e2b", True, dict(dtype="bfloat16")),
-    "mlx-lm-e2b-8bit-g64": ("mlx-lm", "e2b", True, dict(bits=8, group_size=64)),
-    "mlx-vlm-26b-4bit-g64": ("mlx-vlm", "26b", True, dict(bits=4, group_size=64)),  # down bank stays float
-    "mlx-lm-26b-8bit-g32": ("mlx-lm", "26b", False, dict(bits=8, group_size=32)),
-    "mlx-lm-26b-mxfp4": ("mlx-lm", "26b", False, dict(mode="mxfp4")),
-    "mlx-lm-26b-mixed_3_6": ("mlx-lm", "26b", False, dict(recipe="mixed_3_6", group_size=32)),
-    "mlx-vlm-31b-mxfp8": ("mlx-vlm", "31b", True, dict(mode="mxfp8")),  # mlx-vlm needs a vision_config
-    "mlx-lm-31b-nvfp4": ("mlx-lm", "31b", False, dict(mode="nvfp4")),
-    "mlx-lm-31b-5bit-g32": ("mlx-lm", "31b", False, dict(bits=5, group_size=32)),
-    "mlx-lm-31b-bf16": ("mlx-lm", "31b", False, dict(dtype="bfloat16")),
+    # mlx-vlm quantizes embed_audio (a projector, not a tower) when its width allows
+    "mlx-vlm-e2b-4bit-g32": ("mlx-vlm", ("e2b", True, "conditional"), dict(bits=4, group_size=32)),
+    "mlx-vlm-e2b-bf16": ("mlx-vlm", ("e2b", True, "conditional"), dict(dtype="bfloat16")),
+    "mlx-lm-e2b-8bit-g64": ("mlx-lm", ("e2b", True, "conditional"), dict(bits=8, group_size=64)),
+    # the experts' down bank (input width 32) stays float
+    "mlx-vlm-26b-4bit-g64": ("mlx-vlm", ("26b", True, "conditional"), dict(bits=4, group_size=64)),
+    "mlx-lm-26b-8bit-g32": ("mlx-lm", ("26b", False, "conditional"), dict(bits=8, group_size=32)),
+    "mlx-lm-26b-mxfp4": ("mlx-lm", ("26b", False, "conditional"), dict(mode="mxfp4")),
+    "mlx-lm-26b-mixed_3_6": ("mlx-lm", ("26b", False, "conditional"), dict(recipe="mixed_3_6", group_size=32)),
+    "mlx-vlm-31b-mxfp8": ("mlx-vlm", ("31b", True, "conditional"), dict(mode="mxfp8")),  # (mlx-vlm needs towers)
+    "mlx-lm-31b-nvfp4": ("mlx-lm", ("31b", False, "conditional"), dict(mode="nvfp4")),
+    "mlx-lm-31b-5bit-g32": ("mlx-lm", ("31b", False, "conditional"), dict(bits=5, group_size=32)),
+    "mlx-lm-31b-bf16": ("mlx-lm", ("31b", False, "conditional"), dict(dtype="bfloat16")),
+    # mlx-lm's gemma4_text model (a Gemma4ForCausalLM source): names and overrides `model.X`
+    "mlx-lm-26b-causal-lm-4bit-g32": ("mlx-lm", ("26b", False, "causal_lm"), dict(bits=4, group_size=32)),
 }
 
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory):
+    """sources(variant, towers, wrapper="conditional") -> converter_source(...), made once per session."""
     made = {}
 
-    def make(variant: str, towers: bool):
-        if (variant, towers) not in made:
-            out = tmp_path_factory.mktemp(f"src-{variant}-{'towers' if towers else 'text'}")
-            made[variant, towers] = converter_source(out, variant, towers)
-        return made[variant, towers]
+    def make(variant: str, towers: bool, wrapper: str = "conditional"):
+        key = (variant, towers, wrapper)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"src-{variant}-{'towers' if towers else wrapper}")
+            made[key] = converter_source(out, *key)
+        return made[key]
 
     return make
 
@@ -63,9 +70,9 @@ def converted(sources, tmp_path_factory):
 
     def make(name: str):
         if name not in made:
-            library, variant, towers, options = CONVERSIONS[name]
+            library, source, options = CONVERSIONS[name]
             out = tmp_path_factory.mktemp("conversions") / name
-            made[name] = library, convert_with(library, sources(variant, towers), out, **options)
+            made[name] = library, convert_with(library, sources(*source), out, **options)
         return made[name]
 
     return make
@@ -128,13 +135,18 @@ def test_conversion_loads_and_matches_its_library(converted, name):
     library, path = converted(name)
     model, _ = load(path)
     assert_same_as_peer(model, PeerModel(library, path))
-    _, variant, towers, options = CONVERSIONS[name]
+    _, (variant, towers, _), options = CONVERSIONS[name]
     has_towers = towers and library == "mlx-vlm"  # mlx-lm converts the text model only
     assert ("vision_tower" in model) == has_towers
     assert ("audio_tower" in model) == (has_towers and variant == "e2b")
     if "mode" in options:
         modes = {m.mode for _, m in model.named_modules() if hasattr(m, "mode")}
         assert options["mode"] in modes
+    if name == "mlx-vlm-e2b-4bit-g32":
+        assert isinstance(model.embed_audio.embedding_projection, nn.QuantizedLinear)
+    if name == "mlx-vlm-26b-4bit-g64":
+        banks = {m.quantization["down_proj"] for _, m in model.named_modules() if isinstance(m, QuantizedExperts)}
+        assert banks == {None}
 
 
 def _hf_rounded_to_bf16(source):
@@ -206,6 +218,11 @@ def test_our_mlx_lm_format_loads_in_mlx_lm(sources, tmp_path):
     ours, _ = load(out)
     for library in ("mlx-lm", "mlx-vlm"):
         assert_same_as_peer(ours, PeerModel(library, out))
+    # a Gemma4ForCausalLM source (model_type gemma4_text) is written as the gemma4 checkpoint mlx-lm expects
+    out = convert(sources("31b", False, "causal_lm"), tmp_path / "ours-lm-causal", bits=8, dtype="float32",
+                  fmt="mlx-lm")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma4"
+    assert_same_as_peer(load(out)[0], PeerModel("mlx-lm", out))
 
 
 def test_converting_a_conversion_keeps_its_quantization(converted, tmp_path):

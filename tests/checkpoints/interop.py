@@ -16,16 +16,17 @@ from .tokenizer import make_tokenizer
 from .vision import make_multimodal_checkpoint
 
 
-def converter_source(out: Path, variant: str, towers: bool) -> Path:
-    """A tiny Gemma4ForConditionalGeneration checkpoint (with its vision tower, and the audio tower for e2b, when
-    `towers`) in the form mlx_lm.convert / mlx_vlm.convert read."""
+def converter_source(out: Path, variant: str, towers: bool, wrapper: str = "conditional") -> Path:
+    """A tiny Gemma 4 checkpoint in the form mlx_lm.convert / mlx_vlm.convert read: Gemma4ForConditionalGeneration
+    (with its vision tower, and for e2b an audio tower whose 64-wide output mlx-vlm quantizes, when `towers`), or
+    Gemma4ForCausalLM (wrapper="causal_lm", text only)."""
     if towers:
-        make_multimodal_checkpoint(out, variant, audio=variant == "e2b")
+        make_multimodal_checkpoint(out, variant, audio=variant == "e2b", audio_extra=dict(output_proj_dims=64))
     else:
-        make_text_checkpoint(out, variant, wrapper="conditional")
+        make_text_checkpoint(out, variant, wrapper=wrapper)
     _to_published_spelling(out / "config.json")
     config = json.loads((out / "config.json").read_text())
-    config["vocab_size"] = config["text_config"]["vocab_size"]
+    config["vocab_size"] = config.get("text_config", config)["vocab_size"]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     make_tokenizer(out, multimodal_ids=MM_TOKEN_IDS)
     return out
