@@ -71,8 +71,8 @@ def _switch_glu_parts(name: str) -> tuple[str, str, str] | None:
 
 
 def from_mlx_layout(weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], list[str]]:
-    """mlx-lm/mlx-vlm names -> ours, each expert module's gate and up banks stacked into our fused bank (lazily:
-    the concatenation runs when the model's parameters are evaluated). Other layouts pass through unchanged.
+    """mlx-lm/mlx-vlm names -> ours, each expert module's gate and up banks stacked into our fused bank (read
+    and concatenated here, one bank at a time). Other layouts pass through unchanged (lazily).
     Consumes `weights`. Returns (weights, problems): a gate bank without a matching up bank is a problem."""
     out: dict[str, mx.array] = {}
     split: dict[tuple[str, str], dict[str, mx.array]] = {}
@@ -96,7 +96,12 @@ def from_mlx_layout(weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], 
             problems.append(f"{mlx_module_path(experts)}.switch_glu: gate_proj and up_proj {kind} must be stored "
                             f"alike to form one gate/up bank, got {shapes}")
             continue
-        out[f"{experts}.gate_up_proj{BANK_SUFFIXES[kind]}"] = mx.concatenate([gate, up], axis=-2)
+        fused = mx.concatenate([gate, up], axis=-2)
+        # evaluated now, bank by bank, so the split halves are freed as we go: left lazy, MLX may read every
+        # layer's halves before concatenating any (the 26B: ~9 GB more at the peak)
+        mx.eval(fused)
+        out[f"{experts}.gate_up_proj{BANK_SUFFIXES[kind]}"] = fused
+        del gate, up, banks
     return out, problems
 
 
