@@ -211,16 +211,22 @@ def _matrices(path: str, module: nn.Module) -> list[tuple[str, str, str, int]]:
     return [(path, f"{path}.weight", f"{path}.scales", module.weight.shape[-1])]
 
 
-def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entry: Any,
-                            rename=our_module_path) -> tuple[dict, list[str]]:
+def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], raw_config: dict,
+                            rename=our_module_path) -> tuple[dict | None, list[str]]:
     """Our quantization plan for a quantized MLX checkpoint (weights under our names, model not yet quantized):
     the global settings plus, for each quantizable module, how its tensors are quantized ({group_size, bits,
     mode}; for an expert module also `gate_up_proj` / `down_proj`, each bank's own or False) or False.
 
     `rename` maps the module paths the entry names onto ours (mlx-lm's Gemma 4 text-only model says `model.X`).
-    Returns (plan, problems). A problem is an invalid setting, or a module whose tensors disagree with what the
-    config declares for it: its own override, else the global setting when the module is quantized (modules the
-    config does not name may stay in float, as mlx-lm and mlx-vlm write them)."""
+    Returns (plan, problems); plan None when the config declares no quantization. A problem is an invalid
+    setting, a module whose tensors disagree with what the config declares for it (its own override, else the
+    global setting when the module is quantized: modules the config does not name may stay in float, as mlx-lm
+    and mlx-vlm write them), or quantized tensors with no quantization entry at all."""
+    entry = quantization_entry(raw_config)
+    if entry is None:
+        packed = [k for k in weights if k.endswith((".scales", "_scales"))]
+        return None, [f"the checkpoint stores quantized tensors ({packed[0]} and {len(packed) - 1} more) but its "
+                      "config.json has no `quantization` entry"] if packed else []
     if not isinstance(entry, dict):
         return {}, [f"the quantization entry must be a JSON object, got {entry!r}"]
     if "quant_method" in entry and "bits" not in entry:
@@ -255,7 +261,7 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], entr
             plan[path] = dict(found[0] or found[1], gate_up_proj=found[0], down_proj=found[1])
         else:
             plan[path] = found[0] if len(found) == 1 else False
-    return plan, problems
+    return plan, sorted(problems, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
 
 
 def mlx_quantization_entry(model: nn.Module) -> dict | None:

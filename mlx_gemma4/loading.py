@@ -271,12 +271,13 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     model = build_model(config)
     weights = sanitize(hf_weights, model)
     hf_weights.clear()
-    if (entry := layouts.quantization_entry(config.raw)) is not None:
-        plan, problems = layouts.checkpoint_quantization(
-            model, weights, entry, lambda name: to_our_name(layouts.our_module_path(name), config))
-        if problems:
-            raise CheckpointError(f"quantized checkpoint{f' {path}' if path else ''} does not load "
-                                  f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    plan, problems = layouts.checkpoint_quantization(
+        model, weights, config.raw, lambda name: to_our_name(layouts.our_module_path(name), config))
+    if problems:
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        raise CheckpointError(f"quantized checkpoint{f' {path}' if path else ''} does not load "
+                              f"({len(problems)} problems):\n  " + "\n  ".join(shown))
+    if plan:
         apply_quantization(model, plan)
         config.quantization = plan
     target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))

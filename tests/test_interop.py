@@ -284,6 +284,16 @@ def test_mismatched_group_size(converted, tmp_path):
     assert "router.proj" not in message  # its own override (64) matches its tensors
 
 
+def test_quantized_tensors_without_a_quantization_entry(converted, tmp_path):
+    path = _copy(converted, "mlx-lm-31b-5bit-g32", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization"], config["quantization_config"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"stores quantized tensors \(.*\.scales and \d+ more\) but its "
+                                              "config.json has no `quantization` entry"):
+        load(path)
+
+
 def test_gate_and_up_banks_stored_differently(converted, tmp_path):
     path = _copy(converted, "mlx-lm-26b-8bit-g32", tmp_path)
     weights = mx.load(str(path / "model.safetensors"))
