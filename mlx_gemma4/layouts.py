@@ -38,9 +38,9 @@ from .moe import Experts, QuantizedExperts
 MLX_DECODER = "language_model.model."
 OUR_DECODER = "language_model."
 MLX_HEAD, OUR_HEAD = "language_model.lm_head.", "lm_head."
-SWITCH_GLU = ".experts.switch_glu."
 BANK_SUFFIXES = {"weight": "", "scales": "_scales", "biases": "_biases"}  # theirs -> appended to our bank name
-TOWER_PARTS = {"vision": ("vision_tower", "embed_vision"), "audio": ("audio_tower", "embed_audio")}
+# each optional front end's top-level modules (vision_embedder: the 12B's encoder-free one)
+TOWER_PARTS = {"vision": ("vision_tower", "vision_embedder", "embed_vision"), "audio": ("audio_tower", "embed_audio")}
 FORMATS = ("mlx-vlm", "mlx-lm")
 
 
@@ -124,16 +124,13 @@ def to_mlx_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def drop_absent_towers(config: ModelConfig, names) -> list[str]:
+def drop_absent_towers(config: ModelConfig, names) -> None:
     """Leave out of `config` each tower none of whose tensors the checkpoint has (text-only conversions keep the
-    tower's config). Returns the kinds dropped."""
+    tower's config)."""
     present = {n.removeprefix("model.").split(".", 1)[0] for n in names}
-    dropped = []
     for kind, parts in TOWER_PARTS.items():
         if getattr(config, kind) is not None and not present & set(parts):
             setattr(config, kind, None)
-            dropped.append(kind)
-    return dropped
 
 
 # ---- quantization ---------------------------------------------------------------------------------------
@@ -249,13 +246,15 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], raw_
         for matrix, packed_key, scales_key, in_dim in _matrices(path, module):
             stored = _stored(in_dim, weights.get(packed_key), weights.get(scales_key))
             declared = rules.get(matrix, rules.get(path))
+            if declared is None:  # not named: float, or quantized with the global settings
+                declared = default if stored else False
             if isinstance(stored, str):
                 problems.append(f"{scales_key.rsplit('.', 1)[0]}: {stored}")
             elif stored and (problem := quant_params_problem(**stored)):
                 problems.append(f"{matrix}: {problem}")
-            elif declared is not None and declared != stored or declared is None and stored and stored != default:
-                said = _describe(default if declared is None else declared)
-                problems.append(f"{matrix}: the config says {said}, its tensors are {_describe(stored)}")
+            elif stored != declared:
+                problems.append(f"{matrix}: the config says {_describe(declared)}, its tensors are "
+                                f"{_describe(stored)}")
             found.append(stored if isinstance(stored, dict) else False)
         if len(found) == 2 and any(found):  # expert banks: each its own (mlx-lm may leave one in float)
             plan[path] = dict(found[0] or found[1], gate_up_proj=found[0], down_proj=found[1])
@@ -333,11 +332,12 @@ def mlx_config(raw: dict, config: ModelConfig, quantization: dict | None, fmt: s
         out["quantization"] = out["quantization_config"] = quantization
     if config.model_type not in ("gemma4", "gemma4_text"):
         return out  # other family members (Gemma 3, the 12B, drafters) keep their config: only we read them
-    if config.model_type == "gemma4_text":
-        keep = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings", "dtype")
-        out = {"model_type": "gemma4", "text_config": dict(raw), **{k: out[k] for k in out if k in keep + (
-            "quantization", "quantization_config")}}
-        out["architectures"] = ["Gemma4ForConditionalGeneration"]
+    if config.model_type == "gemma4_text":  # wrapped: the text config inside, the model-level keys outside
+        top = ("eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings", "dtype", "quantization",
+               "quantization_config")
+        out = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
+               "text_config": {k: v for k, v in out.items() if not k.startswith("quantization")},
+               **{k: out[k] for k in top if k in out}}
     out["text_config"] = published_text_config(out["text_config"], config.text)
     out["vocab_size"] = config.text.vocab_size
     for kind in TOWER_PARTS:
