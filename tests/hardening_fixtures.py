@@ -139,7 +139,10 @@ def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cw
         + "".join(f"    {line}\n" for line in code.strip().splitlines()) +
         "finally:\n"
         "    print('ELAPSED', time.perf_counter() - _t, file=sys.stderr)\n"
-        "    print('MAXRSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the parent's (pytest's) peak
+        "    _hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "    print('MAXRSS_MB', int(_hwm[0].split()[1]) / 1024 if _hwm else\n"
+        "          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tools")]))
     return subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=timeout_s + 60,
