@@ -31,8 +31,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .compact import QUANT_MODES, quant_params_problem
 from .config import ModelConfig
+from .kernels.products import QUANT_MODES, quant_params_problem
 from .moe import Experts, QuantizedExperts
 
 MLX_DECODER = "language_model.model."

@@ -7,10 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, use_emulator
+from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend
 from mlx_gemma4.kernels import gather_experts as ge
 
-EMULATOR = dict(check_order=True, guard=True, poison=True)
 
 
 def reference(x, indices, weights, gate_up, down):
@@ -76,7 +75,7 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_expert_glu_metal_and_mlx_match_float64(case):
+def test_expert_glu_metal_and_mlx_match_float64(case, metal_emulator):
     dtype, bits, gs, T = case
     rng = np.random.default_rng(T * 7 + (bits or 0))
     E, H, I, K = 16, 64, 64, 8  # 26B A4B: top-8 experts (of 128; 16 here), H and I shrunk
@@ -88,7 +87,7 @@ def test_expert_glu_metal_and_mlx_match_float64(case):
 
     with use_backend("mlx"):
         out_mlx = expert_glu(x, idx, w, gate_up, down)
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         out_metal = expert_glu(x, idx, w, gate_up, down)
     assert out_mlx.dtype == dtype and out_metal.dtype == dtype
     assert out_metal.shape == (T, H)
@@ -141,7 +140,7 @@ OTHER_MODES = [("affine", 3, 64), ("affine", 6, 32), ("affine", 2, 128), ("mxfp4
 
 
 @pytest.mark.parametrize("mode,bits,gs", OTHER_MODES, ids=[f"{m}{b}g{g}" for m, b, g in OTHER_MODES])
-def test_other_quant_modes_take_the_mlx_path(mode, bits, gs):
+def test_other_quant_modes_take_the_mlx_path(mode, bits, gs, metal_emulator):
     rng = np.random.default_rng(bits)
     E, H, I, K = 8, 128, 128, 4
     gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, bits, gs, mode)
@@ -154,11 +153,12 @@ def test_other_quant_modes_take_the_mlx_path(mode, bits, gs):
         with use_backend("mlx"):
             out = expert_glu(x, idx, w, gate_up, down)
         np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-4, err_msg=f"T={T}")
-        with use_emulator(**EMULATOR):
+        with metal_emulator() as runner:
             assert mx.array_equal(expert_glu(x, idx, w, gate_up, down), out)
+        assert not runner.compiled  # no Metal kernel ran
 
 
-def test_matches_transformers_experts_module():
+def test_matches_transformers_experts_module(metal_emulator):
     """Same result as transformers' Gemma4TextExperts (float32) on random weights."""
     torch = pytest.importorskip("torch")
     from transformers import Gemma4TextConfig
@@ -180,7 +180,7 @@ def test_matches_transformers_experts_module():
     args = (mx.array(x.numpy()), mx.array(idx.numpy().astype(np.int32)), mx.array(w.numpy()), gu, dn)
     with use_backend("mlx"):
         np.testing.assert_allclose(np.array(expert_glu(*args)), want, rtol=1e-4, atol=1e-5)
-    with use_emulator(**EMULATOR):
+    with metal_emulator():
         np.testing.assert_allclose(np.array(expert_glu(*args)), want, rtol=1e-4, atol=1e-5)
 
 
