@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from .kernels.products import compact_matmul, dequantize, quantized_matmul
 
@@ -56,18 +57,31 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
                           self.group_size, self.bits, self.mode, self.compute_dtype)
 
 
-def use_fast_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
-    """Give the model's linears and embeddings the compact-aware products, in place (weights are shared): every
-    quantized linear and embedding, and with `compute_dtype` every float `nn.Linear` / `nn.Embedding` whose weight
-    is stored in another dtype (quantized embeddings then return rows in `compute_dtype`)."""
+def _as(cls, module: nn.Module) -> nn.Module:
+    """A `cls` module holding `module`'s arrays and settings (the subclasses add products, no state)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    dict.update(new, module)
+    return new
+
+
+def use_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
+    """Put the compact-aware products into the model's tree, as `nn.quantize` puts its quantized layers: every
+    quantized linear and embedding becomes a `QuantizedLinear` / `QuantizedEmbedding` and, with `compute_dtype`,
+    every float `nn.Linear` / `nn.Embedding` whose weight is stored in another dtype a `CompactLinear` /
+    `CompactEmbedding`, holding the same arrays (embeddings then return rows in `compute_dtype`)."""
     swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
     compact_floats = {nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding}
-    for _, module in model.named_modules():
-        # the subclasses add behaviour only (no state), so switching the class keeps the module as loaded
-        new_class = swaps.get(type(module))
+
+    def choose(_, module):
+        cls = swaps.get(type(module))
         if compute_dtype is not None and type(module) in compact_floats and module.weight.dtype != compute_dtype:
-            new_class = compact_floats[type(module)]
-        if new_class is not None:
-            module.__class__ = new_class
-        if isinstance(module, (CompactEmbedding, QuantizedEmbedding)) and compute_dtype is not None:
-            module.compute_dtype = compute_dtype
+            cls = compact_floats[type(module)]
+        if cls is None:
+            return module
+        new = _as(cls, module)
+        if cls in (CompactEmbedding, QuantizedEmbedding) and compute_dtype is not None:
+            new.compute_dtype = compute_dtype
+        return new
+
+    model.update_modules(tree_map_with_path(choose, model.leaf_modules(), is_leaf=nn.Module.is_module))
