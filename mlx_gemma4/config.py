@@ -425,8 +425,8 @@ class ModelConfig:
         )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
+def read_config_json(path: str | Path) -> dict:
+    """The JSON object in `config.json` of a checkpoint directory (or the file itself)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
@@ -435,4 +435,11 @@ def load_config(path: str | Path) -> ModelConfig:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from e
-    return ModelConfig.from_dict(d)
+    if not isinstance(d, dict):
+        raise ConfigError("config.json must hold a JSON object")
+    return d
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    return ModelConfig.from_dict(read_config_json(path))
