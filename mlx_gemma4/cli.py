@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+import traceback
+from typing import Callable, Sequence
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
+# Failures a user can cause and fix (bad input, a missing or unreadable file, a prompt over the context, too
+# little memory): one line `error: ...`. ConfigError, CheckpointError, AudioError and ContextError are ValueErrors.
+EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
 
 
 # -- shared pieces --------------------------------------------------------------------------------------------
@@ -59,6 +63,36 @@ def _check_files(paths: list[str], kind: str) -> None:
             raise PermissionError(f"--{kind}: cannot read {path}")
 
 
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def run_reporting_errors(body: Callable[[], int | None], verbose: bool = False) -> int:
+    """Run a command's body: its exit code (None = 0); every exception becomes one line on stderr and exit code 1
+    (expected failures as `error: <message>`, anything else with its type and a hint to rerun with --verbose,
+    which prints the traceback too); Ctrl-C exits with 130."""
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        if isinstance(e, EXPECTED_ERRORS):
+            message = _one_line(e) or type(e).__name__
+        else:
+            message = f"unexpected {type(e).__name__}" + (f": {_one_line(e)}" if _one_line(e) else "")
+            if not verbose:
+                message += " (rerun with --verbose for the traceback)"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+
+
 # -- mlx-gemma4: generate and chat ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlx-gemma4", description="Generate text with Gemma 4 on MLX.")
@@ -85,34 +119,102 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
                         "upcast per call (default: the compute dtype)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--drop-oldest-turns", action="store_true",
+                   help="--chat: when a turn does not fit the context, drop the oldest turns (the rest is prefilled "
+                        "again) instead of refusing it")
+    _add_verbose(p)
     return p
 
 
+CHAT_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+
+
+def _chat_inputs(first: str | None):
+    """The user's turns: `first` (from --prompt), then stdin lines; /exit, /quit or end of input stop."""
+    if first is not None:
+        yield first
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    while True:
+        if interactive:
+            print(">> ", end="", flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text in ("/exit", "/quit"):
+            return
+        if text:
+            yield text
+
+
+def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
+    """Stream one reply to stdout; the last chunk. With drop_oldest, a turn over the context drops the oldest
+    turns until it fits."""
+    from .engine import ContextError
+
+    while True:
+        try:
+            chunk = None
+            for chunk in session.send(text, **gen_kwargs):
+                print(chunk.text, end="", flush=True)
+            return chunk
+        except ContextError:
+            if not drop_oldest or not session.turns:
+                raise
+            session.drop_oldest_turn()
+            print("(dropped the oldest turn to make room)", file=sys.stderr, flush=True)
+
+
 def _run_chat(model, processor, args, gen_kwargs) -> None:
+    """The REPL. A failed turn (a prompt over the context, a bad file) is reported and the conversation goes on."""
     from .session import ChatSession
 
     session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking)
-    first = args.prompt
-    interactive = sys.stdin.isatty()
-    while True:
-        if first is not None:
-            text, first = first, None
-        else:
-            if interactive:
-                print(">> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                break
-            text = line.strip()
-            if text in ("/exit", "/quit"):
-                break
-            if not text:
-                continue
-        chunk = None
-        for chunk in session.send(text, **gen_kwargs):
-            print(chunk.text, end="", flush=True)
+    for text in _chat_inputs(args.prompt):
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr, flush=True)
+            continue
+        try:
+            chunk = _chat_turn(session, text, gen_kwargs, args.drop_oldest_turns)
+        except EXPECTED_ERRORS as e:
+            print(f"error: {_one_line(e)}; the conversation is kept ({CHAT_HELP})", file=sys.stderr, flush=True)
+            continue
         print(flush=True)
         print(chunk.stats.summary(), file=sys.stderr, flush=True)
+        if chunk.stats.finish_reason == "context":
+            print(f"(the context is full; {CHAT_HELP})", file=sys.stderr, flush=True)
+
+
+def _generate(args) -> int:
+    _check_files(args.image, "image")
+    _check_files(args.audio, "audio")
+    if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
+        raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
+                         "--no-chat-template)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
+    gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                      min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+    if args.chat:
+        args.prompt = prompt
+        _run_chat(model, processor, args, gen_kwargs)
+        return 0
+    from .generate import stream_generate
+    from .prompt_cache import load_prompt_cache
+
+    prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
+    chunk = None
+    for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
+                                 use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
+                                 images=args.image or None, audio=args.audio or None,
+                                 max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
+        print(chunk.text, end="", flush=True)
+    print(flush=True)
+    print(chunk.stats.summary(), file=sys.stderr)
+    if chunk.stats.finish_reason == "context":
+        print("(stopped: the model's context is full)", file=sys.stderr)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,46 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--min-p must be < 1")
     if args.no_chat_template and (args.system or args.thinking or args.chat):
         parser.error("--system, --thinking and --chat need the chat template (drop --no-chat-template)")
-    try:
-        _check_files(args.image, "image")
-        _check_files(args.audio, "audio")
-        if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
-            raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
-                             "--no-chat-template)")
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
-        gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
-        if args.chat:
-            args.prompt = prompt
-            _run_chat(model, processor, args, gen_kwargs)
-            return 0
-        from .generate import stream_generate
-        from .prompt_cache import load_prompt_cache
-
-        prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
-        chunk = None
-        for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
-                                     use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                     images=args.image or None, audio=args.audio or None,
-                                     max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
-            print(chunk.text, end="", flush=True)
-        print(flush=True)
-        print(chunk.stats.summary(), file=sys.stderr)
-        return 0
-    except (FileNotFoundError, PermissionError, NotImplementedError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    if args.drop_oldest_turns and not args.chat:
+        parser.error("--drop-oldest-turns is for --chat")
+    return run_reporting_errors(lambda: _generate(args), args.verbose)
 
 
 # -- mlx-gemma4-prompt-cache ----------------------------------------------------------------------------------
 def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
-    from .engine import prefill
-    from .prompt_cache import PromptCache, prefix_ids, save_prompt_cache
-
     parser = argparse.ArgumentParser(prog="mlx-gemma4-prompt-cache",
                                      description="Prefill a prompt and save its KV caches to a file.")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -175,25 +244,26 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--no-chat-template", action="store_true", help="the prefix is raw text")
     parser.add_argument("--out", required=True, help="output .safetensors file")
+    _add_verbose(parser)
     args = parser.parse_args(argv)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, processor = load_for_cli(args.model)
-    ids = prefix_ids(processor, text, system=args.system, use_chat_template=not args.no_chat_template)
-    pc = PromptCache.fresh(model)
-    prefill(model, ids, pc)
-    try:
+
+    def run() -> None:
+        from .engine import prefill
+        from .prompt_cache import PromptCache, prefix_ids, save_prompt_cache
+
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        model, processor = load_for_cli(args.model)
+        ids = prefix_ids(processor, text, system=args.system, use_chat_template=not args.no_chat_template)
+        pc = PromptCache.fresh(model)
+        prefill(model, ids, pc)
         save_prompt_cache(args.out, pc, model, {"model": str(args.model)})
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"saved {len(ids)} prompt tokens to {args.out}", file=sys.stderr)
-    return 0
+        print(f"saved {len(ids)} prompt tokens to {args.out}", file=sys.stderr)
+
+    return run_reporting_errors(run, args.verbose)
 
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    from .convert import convert
-
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
@@ -206,23 +276,25 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
+    _add_verbose(p)
     args = p.parse_args(argv)
     if args.recipe == "mixed" and args.bits is None:
         p.error("--recipe mixed needs --bits")
-    try:
+
+    def run() -> None:
+        from .convert import convert
+
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
                       dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
-    print(f"wrote {out} ({q})", file=sys.stderr)
-    return 0
+        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
+        print(f"wrote {out} ({q})", file=sys.stderr)
+
+    return run_reporting_errors(run, args.verbose)
 
 
 # -- mlx-gemma4-memory ----------------------------------------------------------------------------------------
-def memory_main(argv: Sequence[str] | None = None) -> None:
-    from .memory import DTYPE_BYTES, default_dtype_name, estimate, format_estimate, resolve_model
+def memory_main(argv: Sequence[str] | None = None) -> int:
+    from .memory import DTYPE_BYTES
 
     ap = argparse.ArgumentParser(prog="mlx-gemma4-memory",
                                  description="Memory planner: how much RAM a Gemma 4 model needs at a given context.")
@@ -236,22 +308,25 @@ def memory_main(argv: Sequence[str] | None = None) -> None:
                     help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     ap.add_argument("--ram", type=float, help="RAM in GiB to check the total against")
+    _add_verbose(ap)
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> None:
+        from .memory import default_dtype_name, estimate, format_estimate, resolve_model
+
         config, directory = resolve_model(args.model)
         dtype = args.dtype or default_dtype_name()
         est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
                        chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"model {args.model}, compute dtype {dtype}")
-    print(format_estimate(est, args.context, args.ram))
+        print(f"model {args.model}, compute dtype {dtype}")
+        print(format_estimate(est, args.context, args.ram))
+
+    return run_reporting_errors(run, args.verbose)
 
 
 # -- mlx-gemma4-synth -----------------------------------------------------------------------------------------
-def synth_main(argv: Sequence[str] | None = None) -> None:
-    from .memory import FAMILY_PRESETS, VARIANTS, load_preset
-    from .synth import shrink_config, write_checkpoint
+def synth_main(argv: Sequence[str] | None = None) -> int:
+    from .memory import FAMILY_PRESETS, VARIANTS
 
     ap = argparse.ArgumentParser(prog="mlx-gemma4-synth",
                                  description="Synthetic Gemma 4 checkpoints at the published dimensions.")
@@ -265,12 +340,17 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GB")
     ap.add_argument("--towers", action="store_true", help="also write the vision/audio towers (needs transformers)")
     ap.add_argument("--seed", type=int, default=0)
+    _add_verbose(ap)
     args = ap.parse_args(argv)
-    try:
+
+    def run() -> None:
+        from .memory import load_preset
+        from .synth import shrink_config, write_checkpoint
+
         config = shrink_config(load_preset(args.variant), args.layers, args.vocab)
         out = write_checkpoint(config, args.out, bits=args.bits, fmt=args.fmt, towers=args.towers, seed=args.seed,
                                shard_bytes=int(args.shard_gb * 1e9))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+
+    return run_reporting_errors(run, args.verbose)

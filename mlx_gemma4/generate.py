@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from . import backend
-from .engine import generate_step
+from .engine import generate_step, media_after, reply_room
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, make_logits_processors, make_sampler
 
@@ -30,7 +30,8 @@ class GenerationStats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     blas: str = ""
-    finish_reason: str | None = None  # "stop" (stop token), "length" (max_tokens), None while running
+    # "stop" (stop token), "length" (max_tokens), "context" (the model's context is full), None while running
+    finish_reason: str | None = None
 
     def summary(self) -> str:
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
@@ -61,9 +62,12 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
-    prompt's ids (only the rest is prefilled; it is updated in place). `media`: processed image/audio arrays
-    for token-id prompts whose placeholders are already expanded (see `engine.prefill`). The last chunk carries
-    finish_reason."""
+    prompt's ids (only the rest is prefilled; it is updated in place; it is trusted to hold the same media as
+    the prompt's prefix: token ids cannot tell two images of one size apart). `media`: processed image/audio
+    arrays for token-id prompts whose placeholders are already expanded (see `engine.prefill`), for all of them
+    or only for those after the prompt cache (see `engine.media_after`). The last chunk carries
+    finish_reason. A prompt that leaves no room in the model's context raises engine.ContextError before any
+    prefill; when the context fills up during generation, the reply ends with finish_reason "context"."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
@@ -86,8 +90,9 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
         warnings.warn("the prompt does not extend the prompt cache's tokens; prefilling it from scratch")
         prompt_cache.caches, prompt_cache.tokens, cached = model.make_cache(), [], 0
     new_ids = ids[cached:]
-    if media and cached:
-        raise ValueError("image/audio prompts cannot start from a prompt cache yet; pass a fresh one")
+    media = media_after(model, ids, cached, media)
+
+    limit = min(max_tokens, reply_room(model, prompt_cache, len(new_ids)))  # fails fast on a prompt too long
 
     stats = GenerationStats(prompt_tokens=len(new_ids), cached_tokens=cached, blas=backend.blas_in_use)
     detok = processor.tokenizer.detokenizer(skip_special=skip_special_tokens)
@@ -95,7 +100,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     start = time.perf_counter()
     gen_start = start
     steps = generate_step(model, new_ids, prompt_cache, sampler, logits_processors=processors,
-                          max_tokens=max_tokens, prefill_step_size=prefill_step_size, media=media)
+                          max_tokens=limit, prefill_step_size=prefill_step_size, media=media)
     text, token = "", None
     try:
         for n, token in enumerate(steps):
@@ -111,8 +116,8 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
                 break
             stats.generation_tokens = n + 1
             text = detok.add(token)
-            if n + 1 == max_tokens:
-                stats.finish_reason = "length"
+            if n + 1 == limit:
+                stats.finish_reason = "length" if limit == max_tokens else "context"
                 break
             yield GenerationChunk(text, token, stats)
     finally:

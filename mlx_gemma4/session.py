@@ -48,16 +48,46 @@ class ChatSession:
         return self.cache.tokens + self._unfed + self.processor.encode(delta, add_bos=False)
 
     def send(self, user_text: str, **generation_kwargs) -> Iterator[GenerationChunk]:
+        """Stream the reply to a user turn (generation_kwargs: stream_generate's). A turn that does not fit the
+        context raises engine.ContextError before anything is prefilled, and the conversation stays as it was.
+        A reply cut short (max_tokens, a full context, the caller closing the stream) is kept as it stands."""
         ids = self._turn_ids(user_text)
-        self.messages.append({"role": "user", "content": user_text})
-        reply, generated, start = [], [], len(self.cache.tokens)
-        chunk = None
-        for chunk in stream_generate(self.model, self.processor, ids, prompt_cache=self.cache, **generation_kwargs):
-            reply.append(chunk.text)
-            if chunk.token is not None:
-                generated.append(chunk.token)
-            yield chunk
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
-        fed = self.cache.tokens[start + chunk.stats.prompt_tokens:]
-        self._unfed = generated[len(fed):]  # the last token of a reply cut by max_tokens is not in the cache
-        self._fed_extra = fed[len(generated):]  # the stop token is in the cache but not in the reply
+        reply, generated, chunk = [], [], None
+        try:
+            for chunk in stream_generate(self.model, self.processor, ids, prompt_cache=self.cache,
+                                         **generation_kwargs):
+                reply.append(chunk.text)
+                if chunk.token is not None:
+                    generated.append(chunk.token)
+                yield chunk
+        finally:
+            if chunk is not None:  # else refused or failed before the first token: the conversation is as it was
+                self.messages += [{"role": "user", "content": user_text},
+                                  {"role": "assistant", "content": "".join(reply)}]
+                fed = self.cache.tokens[chunk.stats.cached_tokens + chunk.stats.prompt_tokens:]
+                self._unfed = generated[len(fed):]  # the last token of a cut reply is not in the cache
+                self._fed_extra = fed[len(generated):]  # the stop token is in the cache but not in the reply
+            if self.cache.offset != len(self.cache.tokens):  # a step failed halfway: the next turn starts over
+                self._forget_cache()
+
+    @property
+    def turns(self) -> int:
+        """User turns in the conversation."""
+        return sum(m["role"] == "user" for m in self.messages)
+
+    def reset(self) -> None:
+        """Forget the conversation; the system prompt stays."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self._forget_cache()
+
+    def drop_oldest_turn(self) -> None:
+        """Forget the oldest user turn and the reply to it; the next turn prefills the rest from scratch."""
+        first = next(i for i, m in enumerate(self.messages) if m["role"] == "user")
+        end = next((i for i in range(first + 1, len(self.messages)) if self.messages[i]["role"] == "user"),
+                   len(self.messages))
+        del self.messages[first:end]
+        self._forget_cache()
+
+    def _forget_cache(self) -> None:
+        self.cache = PromptCache.fresh(self.model)
+        self._unfed, self._fed_extra = [], []

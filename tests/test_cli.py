@@ -119,3 +119,98 @@ def test_generate_cli_weights_dtype(chat_checkpoint, capsys):
     assert gen_cli.main(["--model", path, "--prompt", "hi", "--weights-dtype", "int8"]) == 1
     err = capsys.readouterr().err
     assert "unsupported weights dtype 'int8'" in err and "Traceback" not in err
+
+
+# -- every failure is one line ----------------------------------------------------------------------------------
+def _one_error_line(argv, capsys, main=gen_cli.main) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _copy(checkpoint, tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(checkpoint, out)
+    return out
+
+
+def test_hostile_files_are_one_line_errors(chat_checkpoint, tmp_path, capsys):
+    """Inputs from issue 13 that reach the command line: each is one `error:` line and exit code 1 (the library
+    names the problem; anything it does not anticipate is still one line, with a hint to rerun with --verbose)."""
+    import json
+    import struct
+
+    import mlx.core as mx
+    from PIL import Image
+
+    model = chat_checkpoint("e2b")
+    listed = _copy(model, tmp_path, "header-list")
+    header = json.dumps({"model.language_model.embed_tokens.weight": [1, 2, 3]}).encode()
+    (listed / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    _one_error_line(["--model", str(listed), "--prompt", "hi"], capsys)
+
+    not_json = _copy(model, tmp_path, "bad-tokenizer-config")
+    (not_json / "tokenizer_config.json").write_text("{not json")
+    _one_error_line(["--model", str(not_json), "--prompt", "hi"], capsys)
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15000, 15000)).save(bomb)  # 225 M pixels in a few kB
+    _one_error_line(["--model", str(model), "--prompt", "hi", "--image", str(bomb)], capsys)
+
+    cache = tmp_path / "prefix.safetensors"
+    assert gen_cli.prompt_cache_main(["--model", str(model), "--system", "Be brief.", "--out", str(cache)]) == 0
+    arrays, meta = mx.load(str(cache), return_metadata=True)
+    del meta["offsets"]
+    mx.save_safetensors(str(cache), arrays, metadata=meta)
+    capsys.readouterr()
+    _one_error_line(["--model", str(model), "--prompt", "hi", "--system", "Be brief.", "--prompt-cache", str(cache)],
+                    capsys)
+
+
+def test_hostile_gguf_is_one_line_error(tmp_path, capsys):
+    import gguf
+
+    path = tmp_path / "zero-alignment.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="gemma4")
+    writer.add_uint32("general.alignment", 0)
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _one_error_line(["--model", str(path), "--prompt", "hi"], capsys)
+
+
+def test_unexpected_errors_hint_at_verbose_which_prints_the_traceback(capsys):
+    def broken():
+        raise ZeroDivisionError("integer division by zero")
+
+    assert gen_cli.run_reporting_errors(broken) == 1
+    assert capsys.readouterr().err == ("error: unexpected ZeroDivisionError: integer division by zero "
+                                       "(rerun with --verbose for the traceback)\n")
+    assert gen_cli.run_reporting_errors(broken, verbose=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith("error: unexpected ZeroDivisionError: integer division by zero\n")
+
+    def bad_input():
+        raise ValueError("config field 'x' is 0\n  (must be >= 1)")
+
+    assert gen_cli.run_reporting_errors(bad_input) == 1
+    assert capsys.readouterr().err == "error: config field 'x' is 0; (must be >= 1)\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert gen_cli.run_reporting_errors(interrupted) == 130
+
+
+@pytest.mark.parametrize("main,argv", [
+    (gen_cli.prompt_cache_main, ["--model", "MISSING", "--out", "x.safetensors"]),
+    (gen_cli.convert_main, ["--model", "MISSING", "--out", "OUT"]),
+    (gen_cli.memory_main, ["--model", "MISSING", "--context", "10"]),
+])
+def test_every_command_reports_errors_as_one_line(main, argv, tmp_path, capsys):
+    argv = [str(tmp_path / a) if a in ("MISSING", "OUT") else a for a in argv]
+    assert "MISSING" in _one_error_line(argv, capsys, main=main)

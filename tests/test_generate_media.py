@@ -167,3 +167,35 @@ def test_generate_cli_with_image_file(vision_chat_checkpoint, tmp_path):
     assert "generation: 4 tokens" in r.stderr
     n_image = ImageProcessor()([picture(2)], 70).num_soft_tokens[0]
     assert int(r.stderr.split("prompt: ")[1].split(" tokens")[0]) > n_image
+
+
+def test_media_prompt_after_a_cached_prefix_equals_a_fresh_prefill(vision_chat_checkpoint):
+    """A prompt cache holding the prompt up to (and including) the first image: the rest, with the second image,
+    generates exactly what one fresh prefill of the whole prompt does, whether `media` covers both images (the
+    cached one is dropped) or only the second; a cache that ends inside an image's soft tokens is refused."""
+    from mlx_gemma4.engine import media_after, prefill
+    from mlx_gemma4.prompt_cache import PromptCache
+
+    model, processor = load(vision_chat_checkpoint, dtype="float32")
+    ids, media = processor.prompt_inputs("Compare them.", images=[picture(3), picture(4, 48, 96)], max_soft_tokens=70)
+    kw = dict(max_tokens=6, stop_token_ids=[], prefill_step_size=16)
+    fresh = [c.token for c in stream_generate(model, processor, ids, media=media, **kw)]
+    assert fresh == greedy_by_hand(model, ids, media, 6)
+
+    first_image_end = ids.index(T["eoi_token_id"]) + 1
+    first = {k: v[:1] for k, v in media.items()}
+    second = {k: v[1:] for k, v in media.items()}
+    for given in (media, second):
+        cache = PromptCache.fresh(model)
+        prefill(model, ids[:first_image_end], cache, media=first)
+        chunks = list(stream_generate(model, processor, ids, media=given, prompt_cache=cache, **kw))
+        assert chunks[-1].stats.cached_tokens == first_image_end
+        assert [c.token for c in chunks] == fresh
+    inside = ids.index(T["image_token_id"]) + 3
+    with pytest.raises(ValueError, match="ends inside the soft tokens of one image input"):
+        media_after(model, ids, inside, media)
+    with pytest.raises(ValueError, match="3 image inputs for 2 image placeholder runs"):
+        media_after(model, ids, first_image_end, {k: np.concatenate([v, v[:1]]) for k, v in media.items()})
+    text_only = ids.index(T["boi_token_id"])  # a cached prefix before any image keeps every image
+    assert media_after(model, ids, text_only, media)["pixel_values"].shape[0] == 2
+    assert media_after(model, ids + [7], len(ids), media) is None  # nothing left but text
