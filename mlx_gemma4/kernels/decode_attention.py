@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ._metal import KernelSpec
+from .sliding_attention import windowed_attention_mlx
+from .verdicts import Check, KernelClass, source_hash
 
 MAX_QUERIES = 8  # the decode kernel serves up to this many queries per call
 TARGET_THREADGROUPS = 256  # pass-1 threadgroups to aim for (B * Hkv * row groups * blocks)
@@ -39,6 +41,8 @@ MIN_BLOCK_KEYS_PER_ROW = 20  # block_keys >= 20 * rows: partials + q reloads <= 
 TILE_BYTES = 16384  # threadgroup memory for one K tile plus one V tile
 MAX_SIMDGROUPS = 8
 MAX_ROWS_PER_SIMDGROUP = 2
+TIMING_CONTEXT = 4096  # keys in the cache when the self-check times the kernel against MLX
+CHECK_CONTEXT = 96  # keys of the small agreement check: one block of 96 keys, and three of 32
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,10 @@ def tile_keys(head_dim: int, dtype: mx.Dtype) -> int:
 
 
 def plan(batch: int, q_heads: int, kv_heads: int, queries: int, keys: int, head_dim: int, dtype: mx.Dtype, *,
-         offset: int, window: int | None, has_blocks: bool, blocks: int | None = None) -> DecodePlan:
-    """The cut for q (batch, q_heads, queries, D) over `keys` keys; offset = q_start - k_start. `blocks`
-    overrides the number of key blocks (tests use it to emulate one KV head with the cut of the full model)."""
+         offset: int, window: int | None, has_blocks: bool, block_keys: int | None = None) -> DecodePlan:
+    """The cut for q (batch, q_heads, queries, D) over `keys` keys; offset = q_start - k_start. `block_keys`
+    overrides the block size (a multiple of the tile; tests use it to run the cut of a full model on fewer
+    heads or keys)."""
     rows = (q_heads // kv_heads) * queries
     rps = 1 if rows <= MAX_SIMDGROUPS else MAX_ROWS_PER_SIMDGROUP
     nsg = min(MAX_SIMDGROUPS, -(-rows // rps))
@@ -82,15 +87,13 @@ def plan(batch: int, q_heads: int, kv_heads: int, queries: int, keys: int, head_
     key_lo = max(0, offset - window + 1) if window is not None else 0
     key_hi = keys if has_blocks else offset + queries  # image blocks may extend visibility to their end
     span = max(1, key_hi - key_lo)
-    if blocks is None:
+    if block_keys is None:
         min_keys = MIN_BLOCK_KEYS_PER_ROW * min(rows, nsg * rps)
         target = -(-TARGET_THREADGROUPS // (batch * kv_heads * row_groups))
         blocks = max(1, min(target, span // min_keys, MAX_BLOCKS))
-    blocks = max(1, min(blocks, MAX_BLOCKS, span))
-    block_keys = -(-span // blocks)
-    block_keys = -(-block_keys // bk) * bk
-    blocks = -(-span // block_keys)
-    return DecodePlan(rows, nsg, rps, row_groups, bk, key_lo, key_hi, block_keys, blocks)
+        block_keys = -(-span // blocks)
+    block_keys = max(-(-block_keys // bk) * bk, -(-span // MAX_BLOCKS))
+    return DecodePlan(rows, nsg, rps, row_groups, bk, key_lo, key_hi, block_keys, -(-span // block_keys))
 
 
 # dims: [L, S, Hq, Hkv, blocks, block_keys, has_blocks]; pos: [q_start - k_start, window (0 = none), key_lo,
@@ -298,14 +301,14 @@ SPECS = (PASS1_SINGLE, PASS1_SPLIT, PASS2)
 
 
 def decode_attention_metal(runner, q, k, v, *, scale, q_start, k_start, window, block_ids=None,
-                           blocks: int | None = None) -> mx.array:
+                           block_keys: int | None = None) -> mx.array:
     """Attention of q (B, Hq, L <= MAX_QUERIES, D) over k, v (B, Hkv, S, D), read in place through their strides.
     Same visibility and result as `sliding_attention.windowed_attention_mlx`."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     off = q_start - k_start
     p = plan(B, Hq, Hkv, L, S, D, q.dtype, offset=off, window=window, has_blocks=block_ids is not None,
-             blocks=blocks)
+             block_keys=block_keys)
     k = k if k.dtype == q.dtype else k.astype(q.dtype)
     v = v if v.dtype == q.dtype else v.astype(q.dtype)
     ids = mx.contiguous(block_ids.astype(mx.int32)) if block_ids is not None else mx.full((8,), -1, mx.int32)
@@ -341,3 +344,41 @@ def minimum_bytes(q: mx.array, k: mx.array, *, q_start: int, k_start: int, windo
     visible = off + L - key_lo
     return q.size * q.dtype.size + 2 * B * Hkv * visible * D * k.dtype.size
 
+
+
+def kernel_class(q: mx.array, k: mx.array) -> KernelClass:
+    """Calls that share a verdict: same dtype, head dim and query heads per KV head."""
+    detail = (("dtype", str(q.dtype).split(".")[-1]), ("head_dim", q.shape[-1]), ("groups", q.shape[1] // k.shape[1]))
+    return KernelClass("decode_attention", detail, source_hash(*SPECS))
+
+
+def check(runner, q: mx.array, k: mx.array, *, window: int | None) -> Check:
+    """The self-check of `kernel_class(q, k)`: agreement with the float32 MLX path on CHECK_CONTEXT keys (as one
+    block and as three, so every kernel of the class runs), then one decode step timed at TIMING_CONTEXT keys with
+    the call's KV heads and window."""
+    D, groups, kv_heads, dtype = q.shape[-1], q.shape[1] // k.shape[1], k.shape[1], q.dtype
+    scale = D**-0.5
+
+    def inputs(kv_heads: int, keys: int, seed: int):
+        q_key, k_key, v_key = mx.random.split(mx.random.key(seed), 3)
+        return (mx.random.normal((1, kv_heads * groups, 1, D), key=q_key).astype(dtype),
+                mx.random.normal((1, kv_heads, keys, D), key=k_key).astype(dtype),
+                mx.random.normal((1, kv_heads, keys, D), key=v_key).astype(dtype))
+
+    small = inputs(1, CHECK_CONTEXT, 0)
+    small_kw = dict(scale=scale, q_start=CHECK_CONTEXT - 1, k_start=0,
+                    window=None if window is None else min(window, CHECK_CONTEXT // 2))
+
+    def real():
+        q, k, v = inputs(kv_heads, TIMING_CONTEXT, 1)
+        kw = dict(scale=scale, q_start=TIMING_CONTEXT - 1, k_start=0, window=window)
+        return (lambda: decode_attention_metal(runner, q, k, v, **kw),
+                lambda: windowed_attention_mlx(q, k, v, **kw))
+
+    def kernel():
+        return mx.stack([decode_attention_metal(runner, *small, block_keys=n, **small_kw) for n in (96, 32)])
+
+    def reference():
+        return mx.stack([windowed_attention_mlx(*(a.astype(mx.float32) for a in small), **small_kw)] * 2)
+
+    return Check(kernel, reference, real, dtype)

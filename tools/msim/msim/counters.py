@@ -32,6 +32,7 @@ class Launch:
     constant_bytes_read: int
     buffers: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (read, written, space)
     loads_by_width: dict[str, int] = field(default_factory=dict)  # "1", "2", "4", "8", "16", "other"
+    inputs: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # name -> (shape, strides in elements)
 
     @property
     def threads_per_threadgroup(self) -> int:
@@ -44,7 +45,7 @@ class Launch:
                    threadgroups=stats["n_threadgroups"], barriers=stats["n_barriers"],
                    bytes_read=stats["bytes_read"], bytes_written=stats["bytes_written"],
                    constant_bytes_read=stats["constant_bytes_read"], buffers=dict(stats["buffers"]),
-                   loads_by_width=dict(stats["loads_by_width"]))
+                   loads_by_width=dict(stats["loads_by_width"]), inputs=dict(stats["inputs"]))
 
 
 def recording() -> bool:
