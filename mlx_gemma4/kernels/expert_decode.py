@@ -38,31 +38,18 @@ INPUT_SHARE = 0.02  # staged input bytes per threadgroup / its weight bytes, at 
 CHECK_DIMS = dict(experts=8, hidden=256, inter=128, top_k=4, tokens=3)  # the small agreement check
 
 _HEADER = """
-// One 16-byte unit of a weight row and its dot product with 32/16/8/4 staged input values.
-template <typename WT, int BITS> struct Unit;
-
-template <typename WT> struct Unit<WT, 4> {  // 32 values, 4 bits each, little end first (mx.quantize)
-  static constant constexpr const int N = 32;
+// One 16-byte unit of a weight row and its dot product with its 32 (4-bit), 16 (8-bit), 8 (16-bit float) or
+// 4 (float32) staged input values.
+template <typename WT, int BITS> struct Unit {  // quantized: 32 / BITS values per word, little end first
+  static constant constexpr const int N = 128 / BITS;
   static inline float dot(uint4 w, const threadgroup float* x) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint MASK = (1u << BITS) - 1u;
     float s = 0.0f;
     for (int k = 0; k < 4; ++k) {
       const uint v = w[k];
-      for (int i = 0; i < 8; ++i) {
-        s += float((v >> (4 * i)) & 0xFu) * x[8 * k + i];
-      }
-    }
-    return s;
-  }
-};
-
-template <typename WT> struct Unit<WT, 8> {  // 16 values, 8 bits each
-  static constant constexpr const int N = 16;
-  static inline float dot(uint4 w, const threadgroup float* x) {
-    float s = 0.0f;
-    for (int k = 0; k < 4; ++k) {
-      const uint v = w[k];
-      for (int i = 0; i < 4; ++i) {
-        s += float((v >> (8 * i)) & 0xFFu) * x[4 * k + i];
+      for (int i = 0; i < PER_WORD; ++i) {
+        s += float((v >> (BITS * i)) & MASK) * x[PER_WORD * k + i];
       }
     }
     return s;
