@@ -298,6 +298,7 @@ PASS1_SPLIT = KernelSpec("gemma4_decode_attention_split", _INPUTS, ("part_o", "p
                          ensure_row_contiguous=False)
 PASS2 = KernelSpec("gemma4_decode_attention_merge", ("part_o", "part_m", "part_l", "dims"), ("out",), _PASS2)
 SPECS = (PASS1_SINGLE, PASS1_SPLIT, PASS2)
+_SOURCE_HASH = source_hash(*SPECS)  # part of every verdict key: a changed kernel is checked again
 
 
 def decode_attention_metal(runner, q, k, v, *, scale, q_start, k_start, window, block_ids=None,
@@ -349,7 +350,7 @@ def minimum_bytes(q: mx.array, k: mx.array, *, q_start: int, k_start: int, windo
 def kernel_class(q: mx.array, k: mx.array) -> KernelClass:
     """Calls that share a verdict: same dtype, head dim and query heads per KV head."""
     detail = (("dtype", str(q.dtype).split(".")[-1]), ("head_dim", q.shape[-1]), ("groups", q.shape[1] // k.shape[1]))
-    return KernelClass("decode_attention", detail, source_hash(*SPECS))
+    return KernelClass("decode_attention", detail, _SOURCE_HASH)
 
 
 def check(runner, q: mx.array, k: mx.array, *, window: int | None) -> Check:
