@@ -25,7 +25,7 @@ import mlx_gemma4  # noqa: E402  (BLAS preload before mlx.core)
 import mlx.core as mx  # noqa: E402
 from kernel_emulator import attention_shapes, decode_attention_traffic, expert_decode_traffic  # noqa: E402
 
-from mlx_gemma4 import backend as _backend  # noqa: E402
+from mlx_gemma4 import runtime  # noqa: E402
 from mlx_gemma4.kernels import ExpertBank, expert_decode, kernel_runner  # noqa: E402
 from mlx_gemma4.kernels import use_backend, windowed_attention  # noqa: E402
 from mlx_gemma4.kernels.gather_experts import expert_glu_mlx  # noqa: E402
@@ -165,11 +165,12 @@ def main():
         sizes, contexts = [512, 1024], [4096]
     metal = bool(mx.metal.is_available())
     print(f"device: {'Metal GPU' if metal else 'CPU'} ({platform.machine()}, {os.cpu_count()} cores), "
-          f"mlx {mx.__version__}, BLAS: {_backend.blas_in_use}")
+          f"mlx {mx.__version__}, BLAS: {runtime.blas_in_use}")
     print()
     print("| benchmark | shape | ours | peer | speedup | note |")
     print("|---|---|---|---|---|---|")
     with mx.stream(mx.gpu if metal else mx.cpu):
+        # MLX's CPU backend is fastest in float32 (see mlx_gemma4/runtime.py)
         bench_sliding_prefill(sizes, args.repeat, mx.bfloat16 if metal else mx.float32)
     print()
     print("Decode kernels: traffic = bytes read / minimum bytes in the msim emulator (1.000 = every needed byte "

@@ -6,13 +6,15 @@ mlx_gemma4 but its own files.
     products.quantized_matmul / compact_matmul / dequantize   products with compact (quantized, bf16) weights
 
 Decode-sized calls (at most 8 queries / tokens) can run Metal kernels (`decode_attention.py`,
-`expert_decode.py`); everything else runs MLX ops. The environment variable MLX_GEMMA4_KERNELS chooses:
+`expert_decode.py`); everything else runs MLX ops. The kernel backend chooses:
     auto (default): a Metal kernel runs only where MLX computes on a Metal GPU (`mx.default_device()`) and the
         kernel's class has passed its self-check on this machine: it compiled, agreed with the MLX path and was
         faster (`verdicts.py`; `python -m mlx_gemma4.selfcheck` shows the verdicts)
     metal: the Metal kernels, unchecked (error without Metal)
     mlx: MLX ops only
-`use_backend(name)` does the same for a `with` block. How Metal source is run is one kernel factory,
+A loaded model's runtime policy (mlx_gemma4.runtime; MLX_GEMMA4_KERNELS is its default) names one around its
+forward pass (`use_runtime_defaults`); `use_backend(name)` overrides both for a `with` block. How Metal source is
+run is one kernel factory,
 `mx.fast.metal_kernel` unless `use_kernel_factory(factory)` installs another for a `with` block (the tests
 install the msim emulator, which runs the same kernel bodies on a Linux CPU; with a factory installed, `auto`
 verifies the kernels as on a Mac).
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from typing import Callable
 
 import mlx.core as mx
@@ -31,19 +32,21 @@ from . import decode_attention, expert_decode
 from ._metal import KernelFactory, KernelRunner, KernelSpec
 from .gather_experts import ExpertBank, expert_glu_mlx
 from .gather_experts import validate_inputs as _validate_experts
+from .products import _unpack_policy, default_unpack_min_rows, use_unpack_rows
 from .sliding_attention import attention_plan, windowed_attention_mlx
 from .sliding_attention import validate_inputs as _validate_attention
 from .verdicts import KernelClass, Verdict
 
 __all__ = ["ExpertBank", "KernelFactory", "KernelRunner", "KernelSpec", "expert_glu", "windowed_attention",
-           "backend", "use_backend", "use_kernel_factory", "collect_checks", "attention_plan", "kernel_runner",
-           "SPECS"]
+           "backend", "use_backend", "use_kernel_factory", "use_runtime_defaults", "use_unpack_rows",
+           "default_unpack_min_rows", "collect_checks", "attention_plan", "kernel_runner", "SPECS"]
 
 BACKENDS = ("auto", "metal", "mlx")
-ENV_VAR = "MLX_GEMMA4_KERNELS"
 SPECS = (*decode_attention.SPECS, *expert_decode.SPECS)  # every Metal kernel of the package
 
+# an explicit use_backend() block wins over the running model's policy, which wins over "auto"
 _backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_backend", default=None)
+_backend_policy: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_backend_policy", default=None)
 _installed_runner: contextvars.ContextVar[KernelRunner | None] = contextvars.ContextVar("kernel_runner",
                                                                                         default=None)
 _collected_checks: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kernel_checks", default=None)
@@ -55,12 +58,7 @@ def _metal_available() -> bool:
 
 
 def _requested() -> str:
-    name = _backend_override.get()
-    if name is None:
-        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if name not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
+    return _backend_override.get() or _backend_policy.get() or "auto"
 
 
 def kernel_runner() -> KernelRunner | None:
@@ -83,8 +81,8 @@ def _resolve() -> tuple[str, KernelRunner | None]:
     runner = kernel_runner()
     if name == "metal":
         if runner is None:
-            raise RuntimeError(f"Metal kernels requested ({ENV_VAR}=metal or use_backend('metal')) but MLX has no "
-                               "Metal device here; use 'auto' or 'mlx'")
+            raise RuntimeError("Metal kernels requested (kernel backend 'metal') but MLX has no Metal device here; "
+                               "use 'auto' or 'mlx'")
         return name, runner
     on_gpu = runner is not None and (_installed_runner.get() is not None or mx.default_device() == mx.gpu)
     return ("metal", runner) if on_gpu else ("mlx", None)
@@ -121,6 +119,21 @@ def use_backend(name: str):
         yield
     finally:
         _backend_override.reset(token)
+
+
+@contextlib.contextmanager
+def use_runtime_defaults(*, backend: str = "auto", unpack_min_rows: int | None = None):
+    """A model's runtime policy for the kernel calls inside a `with` block (mlx_gemma4.runtime.RuntimePolicy.applied
+    wraps the model's forward pass in it): the backend, and the rows from which CPU products unpack compact weights
+    (None: never). `use_backend` / `use_unpack_rows` blocks around it still win."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    tokens = _backend_policy.set(backend), _unpack_policy.set(unpack_min_rows)
+    try:
+        yield
+    finally:
+        _backend_policy.reset(tokens[0])
+        _unpack_policy.reset(tokens[1])
 
 
 @contextlib.contextmanager
