@@ -21,11 +21,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, InputError
+from .limits import check_against_tensors
 from .model import Gemma4, is_tower_param
 from .compact import use_products
 from .runtime import RuntimePolicy
-from .safetensors_io import read_header, weight_files
+from .safetensors_io import read_header, tensor_bytes, weight_files
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -200,6 +201,8 @@ def build_model(config: ModelConfig) -> Gemma4:
 def load_model(path: Path, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
                lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
     config = load_config(path)
+    header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
+    check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
     return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy)
 
 
@@ -297,7 +300,14 @@ def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: 
 
     policy = policy or RuntimePolicy.from_arguments()
     gf = gguf.open_gguf(path)
-    config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    try:
+        config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a metadata value of the wrong kind
+        raise ConfigError(f"{path}: the GGUF metadata does not describe a usable model ({type(e).__name__}: {e})") \
+            from e
+    check_against_tensors(config, gguf.hf_tensor_shapes(gf), sum(t.nbytes for t in gf.tensors.values()), str(path))
     # tensor by tensor into the target dtype: never the whole model in float32 at once
     weights = {}
     for name, value in gguf.iter_weights(gf):
