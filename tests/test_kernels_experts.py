@@ -26,14 +26,16 @@ def reference(x, indices, weights, gate_up, down):
     return out
 
 
-def make_bank(rng, shape, dtype, bits, group_size):
+def make_bank(rng, shape, dtype, bits, group_size, mode="affine"):
     """-> (ExpertBank, the float64 weights it represents)."""
     w = mx.array((rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)).astype(dtype)
     if bits is None:
         return ExpertBank(w), np.array(w.astype(mx.float32), np.float64)
-    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    dense = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
-    return ExpertBank(q, s, b, bits=bits, group_size=group_size), np.array(dense.astype(mx.float32), np.float64)
+    q, s, *b = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    b = b[0] if b else None
+    dense = mx.dequantize(q, s, b, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+    return (ExpertBank(q, s, b, bits=bits, group_size=group_size, mode=mode),
+            np.array(dense.astype(mx.float32), np.float64))
 
 
 def make_routing(rng, T, K, E):
@@ -168,6 +170,31 @@ def test_mlx_paths_agree(bits):
     assert mx.array_equal(dispatched, outs["segments"])
 
 
+# Quantizations the Metal kernels do not read: the dispatcher sends them to the MLX path (gather_qmm, or per-expert
+# products on the CPU) whatever the backend.
+OTHER_MODES = [("affine", 3, 64), ("affine", 6, 32), ("affine", 2, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32),
+               ("nvfp4", 4, 16)]
+
+
+@pytest.mark.parametrize("mode,bits,gs", OTHER_MODES, ids=[f"{m}{b}g{g}" for m, b, g in OTHER_MODES])
+def test_other_quant_modes_take_the_mlx_path(mode, bits, gs, metal_emulator):
+    rng = np.random.default_rng(bits)
+    E, H, I, K = 8, 128, 128, 4
+    gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, bits, gs, mode)
+    down, dn64 = make_bank(rng, (E, H, I), mx.float32, bits, gs, mode)
+    assert not gate_up.metal_supported
+    for T in (3, ge.SORT_MIN_PAIRS // K + 2):  # gathered (decode) and per-expert segments (CPU prefill)
+        x = mx.array(rng.standard_normal((T, H)).astype(np.float32))
+        idx, w = make_routing(rng, T, K, E)
+        ref = reference(np.array(x, np.float64), np.array(idx), np.array(w, np.float64), gu64, dn64)
+        with use_backend("mlx"):
+            out = expert_glu(x, idx, w, gate_up, down)
+        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-4, err_msg=f"T={T}")
+        with metal_emulator() as runner:
+            assert mx.array_equal(expert_glu(x, idx, w, gate_up, down), out)
+        assert not runner.compiled  # no Metal kernel ran
+
+
 def test_matches_transformers_experts_module(metal_emulator):
     """Same result as transformers' Gemma4TextExperts (float32) on random weights."""
     torch = pytest.importorskip("torch")
@@ -211,9 +238,11 @@ def test_bad_inputs_raise_clear_errors():
         expert_glu(x, idx, mx.ones((2, 3)), gate_up, down)
     with pytest.raises(ValueError, match="down must be"):
         expert_glu(x, idx, w, gate_up, ExpertBank(mx.zeros((4, 16, 8))))
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+    with pytest.raises(ValueError, match="affine quantization takes bits 2 or 3 or 4 or 5 or 6 or 8, got 7"):
         q, s, b = mx.quantize(mx.zeros((4, 32, 64)), group_size=64, bits=4)
-        expert_glu(mx.zeros((2, 64)), idx, w, ExpertBank(q, s, b, bits=3, group_size=64), down)
+        expert_glu(mx.zeros((2, 64)), idx, w, ExpertBank(q, s, b, bits=7, group_size=64), down)
+    with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
+        expert_glu(mx.zeros((2, 64)), idx, w, ExpertBank(q, s, b, bits=4, group_size=64, mode="int4"), down)
     with pytest.raises(ValueError, match="needs scales and biases"):
         expert_glu(mx.zeros((2, 64)), idx, w, ExpertBank(q, bits=4, group_size=64), down)
     with pytest.raises(ValueError, match="not a float type"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .products import compact_matmul, quantized_matmul
+from .products import compact_matmul, quant_params_problem, quantized_matmul
 
 SORT_MIN_PAIRS = 64  # the MLX path sorts (token, slot) pairs by expert from this many pairs on
 
@@ -28,14 +28,15 @@ SORT_MIN_PAIRS = 64  # the MLX path sorts (token, slot) pairs by expert from thi
 class ExpertBank:
     """One stacked expert matrix in Hugging Face layout (E, out, in), read in place.
 
-    weight: float (E, out, in), or uint32 (E, out, in * bits // 32) packed by `mx.quantize` (affine mode), in
-    which case scales/biases are (E, out, in // group_size)."""
+    weight: float (E, out, in), or uint32 (E, out, in * bits // 32) packed by `mx.quantize` in `mode`, in which
+    case scales are (E, out, in // group_size) and biases (affine mode only) the same."""
 
     weight: mx.array
     scales: mx.array | None = None
     biases: mx.array | None = None
     bits: int | None = None
     group_size: int | None = None
+    mode: str = "affine"
 
     @property
     def quantized(self) -> bool:
@@ -53,22 +54,29 @@ class ExpertBank:
     def in_dim(self) -> int:
         return self.weight.shape[2] * 32 // self.bits if self.quantized else self.weight.shape[2]
 
+    @property
+    def metal_supported(self) -> bool:
+        """Whether the Metal kernels read this bank: float, or affine 4/8-bit with group size 32/64/128."""
+        return not self.quantized or (self.mode == "affine" and self.bits in (4, 8)
+                                      and self.group_size in (32, 64, 128))
+
     def validate(self, what: str) -> None:
         if self.weight.ndim != 3:
             raise ValueError(f"{what}: expert weight must be 3-D (E, out, in), got shape {self.weight.shape}")
         if self.quantized:
-            if self.bits not in (4, 8):
-                raise ValueError(f"{what}: bits must be 4 or 8, got {self.bits}")
-            if self.group_size not in (32, 64, 128):
-                raise ValueError(f"{what}: group_size must be 32, 64 or 128, got {self.group_size}")
+            problem = quant_params_problem(self.group_size, self.bits, self.mode)
+            if problem:
+                raise ValueError(f"{what}: {problem}")
             if self.weight.dtype != mx.uint32:
                 raise ValueError(f"{what}: quantized weight must be uint32, got {self.weight.dtype}")
-            if self.scales is None or self.biases is None:
-                raise ValueError(f"{what}: quantized weight needs scales and biases (affine mode)")
+            affine = self.mode == "affine"
+            if self.scales is None or (self.biases is None) == affine:
+                raise ValueError(f"{what}: {self.mode} quantized weight needs scales" +
+                                 (" and biases" if affine else " and no biases"))
             want = (*self.weight.shape[:2], self.in_dim // self.group_size)
-            if tuple(self.scales.shape) != want or tuple(self.biases.shape) != want:
-                raise ValueError(f"{what}: scales/biases must have shape {want}, got {self.scales.shape} "
-                                 f"and {self.biases.shape}")
+            if tuple(self.scales.shape) != want or (affine and tuple(self.biases.shape) != want):
+                raise ValueError(f"{what}: scales/biases must have shape {want}, got {self.scales.shape}"
+                                 + (f" and {self.biases.shape}" if affine else ""))
         else:
             if self.weight.dtype not in (mx.float32, mx.float16, mx.bfloat16):
                 raise ValueError(f"{what}: weight dtype {self.weight.dtype} is not a float type; pass bits/"
@@ -114,7 +122,8 @@ def _gather_matmul(x: mx.array, bank: ExpertBank, experts: mx.array, sorted_indi
     """x (..., 1, in) times bank[experts].T -> (..., 1, out); experts broadcast against x's batch dims."""
     if bank.quantized:
         return mx.gather_qmm(x, bank.weight, bank.scales, bank.biases, rhs_indices=experts, transpose=True,
-                             group_size=bank.group_size, bits=bank.bits, sorted_indices=sorted_indices)
+                             group_size=bank.group_size, bits=bank.bits, mode=bank.mode,
+                             sorted_indices=sorted_indices)
     w = bank.weight
     if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
         # MLX's CPU gather_mm is float32-only: with fewer (token, slot) pairs than experts, take just the
@@ -130,7 +139,8 @@ def _gather_matmul(x: mx.array, bank: ExpertBank, experts: mx.array, sorted_indi
 def _expert_matmul(x: mx.array, bank: ExpertBank, e: int) -> mx.array:
     """x (rows, in) times expert e's matrix transposed -> (rows, out)."""
     if bank.quantized:
-        return quantized_matmul(x, bank.weight[e], bank.scales[e], bank.biases[e], bank.group_size, bank.bits)
+        biases = None if bank.biases is None else bank.biases[e]
+        return quantized_matmul(x, bank.weight[e], bank.scales[e], biases, bank.group_size, bank.bits, bank.mode)
     return compact_matmul(x, bank.weight[e])
 
 
