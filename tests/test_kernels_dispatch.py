@@ -173,6 +173,17 @@ def _msim(transform=None, delay=0.0, offset=0.0):
     return factory
 
 
+def _decode_call(seed):
+    """q, k, v and keywords of a small decode attention call (4 query heads over 2 KV heads, 20 keys), and its
+    result on the MLX path."""
+    rng = np.random.default_rng(seed)
+    q = mx.array(rng.standard_normal((1, 4, 1, 32)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((1, 2, 20, 32)).astype(np.float32)) for _ in range(2))
+    kw = dict(scale=0.2, q_start=19, k_start=0, window=None)
+    with use_backend("mlx"):
+        return q, k, v, kw, windowed_attention(q, k, v, **kw)
+
+
 def test_auto_respects_the_default_device(monkeypatch):
     """With a Metal device but MLX computing on the CPU (mx.default_device()), auto takes the MLX path; with the
     GPU as the default device, the Metal kernels (each class after its self-check)."""
@@ -223,12 +234,7 @@ def test_slow_kernel_is_not_chosen_and_a_faster_one_is(verdict_dir, monkeypatch)
     from mlx_gemma4.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "TIMING_CONTEXT", 40)  # emulated timing runs stay short
-    rng = np.random.default_rng(0)
-    q = mx.array(rng.standard_normal((1, 4, 1, 32)).astype(np.float32))
-    k, v = (mx.array(rng.standard_normal((1, 2, 20, 32)).astype(np.float32)) for _ in range(2))
-    kw = dict(scale=0.2, q_start=19, k_start=0, window=None)
-    with use_backend("mlx"):
-        want = windowed_attention(q, k, v, **kw)
+    q, k, v, kw, want = _decode_call(0)
 
     with pytest.warns(RuntimeWarning, match="slower than the MLX path"):
         with use_kernel_factory(_msim(delay=0.05)) as runner:
@@ -315,12 +321,7 @@ def test_kernel_that_disagrees_is_not_used(verdict_dir):
     naming the error however many calls follow, and the verdict is kept."""
     import warnings
 
-    rng = np.random.default_rng(1)
-    q = mx.array(rng.standard_normal((1, 4, 1, 32)).astype(np.float32))
-    k, v = (mx.array(rng.standard_normal((1, 2, 20, 32)).astype(np.float32)) for _ in range(2))
-    kw = dict(scale=0.2, q_start=19, k_start=0, window=None)
-    with use_backend("mlx"):
-        want = windowed_attention(q, k, v, **kw)
+    q, k, v, kw, want = _decode_call(1)
     with warnings.catch_warnings(record=True) as caught, use_kernel_factory(_msim(offset=1.0)) as runner:
         warnings.simplefilter("always")
         got = [windowed_attention(q, k, v, **kw) for _ in range(3)]
