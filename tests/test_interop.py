@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from checkpoints.interop import PeerModel, convert_with, converter_source
+from checkpoints.interop import PeerModel, convert_with, converter_source, into_hub_cache
 from mlx_gemma4 import load
 from mlx_gemma4.convert import convert
 from mlx_gemma4.loading import CheckpointError
@@ -239,6 +239,35 @@ def test_converting_a_conversion_keeps_its_quantization(converted, tmp_path):
     ids = mx.array([PROMPT])
     assert mx.array_equal(first(ids), again(ids))
     assert_same_as_peer(again, PeerModel("mlx-vlm", out))
+
+
+@pytest.mark.parametrize("name", ["mlx-vlm-26b-4bit-g64", "mlx-lm-e2b-8bit-g64"])
+def test_conversion_loads_by_repo_id_through_the_hub(converted, tmp_path, monkeypatch, name):
+    """A repo id goes through huggingface_hub (`snapshot_download`, here offline from its cache, laid out as a
+    download leaves it: blobs and snapshot symlinks) and loads what the local directory loads, processor
+    included; every file the converter wrote that a checkpoint needs is one the download asks for."""
+    import fnmatch
+
+    import huggingface_hub.constants as hub
+
+    from mlx_gemma4.loading import HUB_PATTERNS, resolve_path
+
+    _, path = converted(name)
+    needed = [f.name for f in path.iterdir() if f.name != "README.md"]
+    assert [f for f in needed if not any(fnmatch.fnmatch(f, p) for p in HUB_PATTERNS)] == []
+    cache = tmp_path / "hub"
+    repo_id = f"mlx-community/{name}"
+    snapshot = into_hub_cache(cache, repo_id, path)
+    for key, value in (("HF_HUB_OFFLINE", True), ("HF_HUB_CACHE", str(cache))):
+        monkeypatch.setattr(hub, key, value)
+        monkeypatch.setenv(key, str(value if value is not True else 1))
+    model, processor = load(repo_id)
+    local, local_processor = load(path)
+    ids = mx.array([PROMPT])
+    assert mx.array_equal(model(ids), local(ids))
+    assert processor.chat_template == local_processor.chat_template
+    assert processor.tokenizer.encode("hello world") == local_processor.tokenizer.encode("hello world")
+    assert resolve_path(repo_id) == snapshot  # the cache was read, not the directory
 
 
 # ---- broken conversions: one error that lists the problem ------------------------------------------------

@@ -78,3 +78,23 @@ class PeerModel:
 
     def logits(self, ids, cache=None):
         return self._call(ids, cache)
+
+
+def into_hub_cache(cache: Path, repo_id: str, checkpoint: Path, commit: str = "0" * 40) -> Path:
+    """Put `checkpoint`'s files into a huggingface_hub cache at `cache` as a download of `repo_id` leaves them:
+    content-addressed blobs, a snapshot of symlinks to them, refs/main naming the snapshot. Returns the snapshot."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(checkpoint.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
