@@ -4,14 +4,17 @@
 
 Writes safetensors shards under our parameter names (+ model.safetensors.index.json), config.json with the
 `quantization` entry `load` applies before reading the weights, and the tokenizer, chat template and
-processor files. Quantization is the loader's (`loading.quantization_plan` / `apply_quantization`), so
+processor files. Quantization is the loader's (`mlx_gemma4.quant` through `load(quantize=...)`), so
 `load(src, quantize=B, group_size=G, recipe=R, dtype=D)` builds exactly the model that converting with the same
-settings and loading the result does.
+settings and loading the result does; whatever the recipe, the checkpoint is MLX's affine format.
 
-Recipes: `uniform` quantizes every eligible linear and embedding to `bits`; `mixed` keeps the tensors
-4 bits hurts most at 8 bits: the token embedding (also the tied LM head), the per-layer-embedding (PLE) table,
-its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`). Tensors whose input width is not
-a multiple of the group size stay in float.
+Recipes (`mlx_gemma4.quant.recipes`): `uniform` quantizes every eligible linear and embedding to `bits`; `mixed`
+keeps the tensors 4 bits hurts most at 8 bits: the token embedding (also the tied LM head), the per-layer-embedding
+(PLE) table, its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`); `dynamic` also raises
+the decoder matrices whose quantization hurts most to 6 or 8 bits within a bits-per-weight budget; `awq` is mixed
+with AWQ per-channel scales folded into the norms/linears. Scales and biases are fitted to the least
+(activation-weighted) squared error; `minmax`/`mixed-minmax` are MLX's plain min/max. Tensors whose input width
+is not a multiple of the group size stay in float.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Callable
 
 from mlx.utils import tree_flatten
 
-from . import backend
-from .quant import Recipe
-from .quant.budget import describe
+from . import layouts
 from .loading import load_model, resolve_path
+from .model import is_tower_param
+from .quant import Recipe, as_recipe
+from .quant.budget import describe
+from .runtime import RuntimePolicy
 from .safetensors_io import save_shards
 
 # Non-weight files a checkpoint ships that `load` and the processors read.
@@ -46,33 +51,39 @@ def source_dtype(config: dict) -> str:
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
             recipe: str | Recipe = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
-            overwrite: bool = False, report: Callable[[str], None] | None = None) -> Path:
-    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`. With `bits`, `report`
-    receives the quantization summary (bits per weight, bits of every matrix; quant.budget.describe)."""
+            overwrite: bool = False, fmt: str = "mlx-vlm", report: Callable[[str], None] | None = None) -> Path:
+    """Convert `src` (directory or Hub id, any layout `load` reads) into an MLX checkpoint at `out` in `fmt`
+    ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`. `recipe`: a name or a `quant.Recipe`; with
+    `bits`, `report` receives the quantization summary (bits per weight, bits of every matrix;
+    quant.budget.describe)."""
+    if fmt not in layouts.FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(layouts.FORMATS)})")
     src_path = resolve_path(src)
     out = Path(out)
     if out.resolve() == src_path.resolve():
         raise ValueError("--out must differ from the source checkpoint directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    if bits is None and recipe != "uniform":
+    if bits is None and as_recipe(recipe) != Recipe():
         raise ValueError("--recipe needs --bits")
     raw = json.loads((src_path / "config.json").read_text())
     dtype = dtype or source_dtype(raw)
-    target = backend.resolve_dtype(dtype)
-    model = load_model(src_path, dtype=target, quantize=bits, group_size=group_size, recipe=recipe)
+    policy = RuntimePolicy.from_arguments(dtype)
+    target = policy.dtype
+    model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy)
     if bits and report is not None:
         report(describe(model))
+    if "lm_head" in model and fmt == "mlx-vlm":
+        raise ValueError("mlx-vlm's Gemma 4 ties the LM head to the token embeddings, but this checkpoint has its "
+                         "own lm_head; use --format mlx-lm")
+    config = layouts.mlx_config(raw, model.config, layouts.mlx_quantization_entry(model), fmt)
+    config["dtype"] = str(target).split(".")[-1]
 
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-    save_shards(weights, out, int(max_shard_gb * (1 << 30)))
-    config = dict(raw)
-    config.pop("quantization_config", None)
-    if model.config.quantization:
-        config["quantization"] = model.config.quantization
-    config["dtype"] = str(target).split(".")[-1]
-    config.pop("torch_dtype", None)
+    if fmt == "mlx-lm":
+        weights = {k: v for k, v in weights.items() if not is_tower_param(k)}
+    save_shards(layouts.to_mlx_layout(weights), out, int(max_shard_gb * (1 << 30)))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SIDE_FILES:
         if (src_path / name).is_file():

@@ -26,12 +26,13 @@ def quantized_tensors(module: nn.Module) -> list[tuple[str, str, str, str]]:
     return BANK_TENSORS if "gate_up_proj" in module else LINEAR_TENSORS
 
 
-def bank_spec(qmodule: nn.Module, name: str) -> tuple[int, int, str]:
-    """(bits, group_size, mode) of one quantized matrix of a module (expert banks may differ per bank)."""
+def bank_spec(qmodule: nn.Module, name: str) -> tuple[int, int, str] | None:
+    """(bits, group_size, mode) of one matrix of a quantized module (expert banks have their own, None for a bank
+    left in float)."""
     spec = getattr(qmodule, "quantization", None)
     if isinstance(spec, dict) and name in spec:
         s = spec[name]
-        return s.bits, s.group_size, getattr(s, "mode", "affine")
+        return None if s is None else (s.bits, s.group_size, s.mode)
     return qmodule.bits, qmodule.group_size, getattr(qmodule, "mode", "affine")
 
 
@@ -81,9 +82,10 @@ def quantize_model(model: nn.Module, plan: dict[str, Any], stats: dict[str, Inpu
             continue  # left in float
         key = f"{prefix}.{path}" if prefix else path
         for name, packed, scales, biases in quantized_tensors(qmodule):
-            bits, group_size, mode = bank_spec(qmodule, name)
-            if mode != "affine":
-                continue  # other modes keep MLX's own quantization
+            spec = bank_spec(qmodule, name)
+            if spec is None or spec[2] != "affine":
+                continue  # a float bank, or a mode other than affine (MLX's own quantization stays)
+            bits, group_size, _ = spec
             q, s, b = affine.quantize(float_module[name], group_size, bits,
                                       importance_of(key, name, stats, tied_head), dtype=qmodule[scales].dtype)
             qmodule[packed], qmodule[scales], qmodule[biases] = q, s, b

@@ -22,7 +22,7 @@ def cost(bits: int | None, group_size: int | None) -> float:
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    return "scales" in module or "gate_up_proj_scales" in module
+    return any(key == "scales" or key.endswith("_scales") for key in module)  # an expert bank may be float
 
 
 def matrices(model: nn.Module) -> dict[str, tuple[int | None, int | None, int]]:
@@ -33,8 +33,11 @@ def matrices(model: nn.Module) -> dict[str, tuple[int | None, int | None, int]]:
     for path, module in model.named_modules():
         if _is_quantized(module):
             for name, packed, *_ in quantized_tensors(module):
-                bits, group_size, _ = bank_spec(module, name)
-                out[f"{path}.{name}"] = (bits, group_size, module[packed].size * 32 // bits)
+                spec = bank_spec(module, name)
+                if spec is None:  # a bank left in float
+                    out[f"{path}.{name}"] = (None, None, module[name].size)
+                else:
+                    out[f"{path}.{name}"] = (spec[0], spec[1], module[packed].size * 32 // spec[0])
             continue
         for name, w in module.items():
             if isinstance(w, mx.array) and w.ndim >= 2:
