@@ -35,7 +35,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_gemma4 import load  # noqa: E402
 from mlx_gemma4.compact import use_fast_products  # noqa: E402
-from mlx_gemma4.loading import model_from_weights, quantization_plan  # noqa: E402
+from mlx_gemma4.loading import model_from_weights  # noqa: E402
+from mlx_gemma4.quant.plan import quantization_plan  # noqa: E402
 from mlx_gemma4.perplexity import evaluate, kl_divergence, log_probs, text_ids  # noqa: E402
 from mlx_gemma4.quant import Recipe, budget, calibrate  # noqa: E402
 from mlx_gemma4.quant.apply import quantize_model  # noqa: E402

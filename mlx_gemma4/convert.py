@@ -10,7 +10,7 @@ settings and loading the result does; whatever the recipe, the checkpoint is MLX
 
 Recipes (`mlx_gemma4.quant.recipes`): `uniform` quantizes every eligible linear and embedding to `bits`; `mixed`
 keeps the tensors 4 bits hurts most at 8 bits: the token embedding (also the tied LM head), the per-layer-embedding
-(PLE) table, its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`); `dynamic` also raises
+(PLE) table, its projection and per-layer gates, and the MoE router (`quant.plan.MIXED_8BIT`); `dynamic` also raises
 the decoder matrices whose quantization hurts most to 6 or 8 bits within a bits-per-weight budget; `awq` is mixed
 with AWQ per-channel scales folded into the norms/linears. Scales and biases are fitted to the least
 (activation-weighted) squared error; `minmax`/`mixed-minmax` are MLX's plain min/max. Tensors whose input width

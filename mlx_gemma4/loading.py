@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .limits import check_against_tensors
 from .model import Gemma4, is_tower_param
 from .compact import use_products
+from .quant.plan import MIXED_8BIT, apply_quantization, quantization_plan  # noqa: F401 (re-exported)
 from .runtime import RuntimePolicy
 from .safetensors_io import read_header, tensor_bytes, weight_files
 
@@ -138,53 +139,8 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
-# Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
-# the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
-MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
-              "per_layer_input_gate", "per_layer_projection")
-
-
-def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform") -> dict[str, Any]:
-    """The `quantization` config entry for a model: defaults plus per-module overrides."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
-    if recipe not in ("uniform", "mixed"):
-        raise ValueError(f"recipe must be 'uniform' or 'mixed', got {recipe!r}")
-    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "recipe": recipe}
-    for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized"):
-            continue
-        if not _quantizable(module, group_size):
-            plan[path] = False
-        elif recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT):
-            plan[path] = {"group_size": group_size, "bits": 8}
-    return plan
-
-
-def _quantizable(module: nn.Module, group_size: int) -> bool:
-    """Every matrix the module would quantize (a weight, or both expert banks) has whole groups per row."""
-    mats = [w for w in (getattr(module, n, None) for n in ("weight", "gate_up_proj", "down_proj")) if w is not None]
-    return bool(mats) and all(w.ndim >= 2 and w.shape[-1] % group_size == 0 for w in mats)
-
-
-def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Swap modules for their quantized versions as the plan says (weights are quantized in place if set)."""
-    gs, bits = plan["group_size"], plan["bits"]
-
-    def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        rule = plan.get(path, True)
-        if isinstance(rule, dict):
-            return rule  # explicit, towers included (a checkpoint quantized by mlx-vlm, see layouts)
-        if rule is False or is_tower_param(path):
-            return False  # towers stay in float: small, and their clipped linears need exact bounds
-        return _quantizable(module, gs) and {"group_size": gs, "bits": bits, "mode": plan.get("mode", "affine")}
-
-    nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
-    use_products(model)
+# Plans (which module gets how many bits) and the module swap live in mlx_gemma4.quant.plan; the values are
+# fitted by mlx_gemma4.quant when quantizing a float model (model_from_weights).
 
 
 def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) -> mx.Dtype:

@@ -164,7 +164,7 @@ def test_bits_per_weight_and_allocation(chat_checkpoint):
     assert budget.bits_per_weight(model) == pytest.approx(expected)
 
     float_model = load(chat_checkpoint("e2b"), dtype="float32")[0]
-    from mlx_gemma4.loading import quantization_plan
+    from mlx_gemma4.quant.plan import quantization_plan
 
     plan = quantization_plan(float_model, 4, 64, "uniform")
     base = budget.plan_bits_per_weight(float_model, plan)

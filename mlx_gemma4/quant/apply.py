@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from . import affine
 from .calibrate import InputStats
+from .plan import apply_quantization
 
 # The weight matrices of a quantizable module, by the attribute names of its float and quantized versions:
 # (float attribute, packed attribute, scales attribute, biases attribute).
@@ -66,8 +67,6 @@ def quantize_model(model: nn.Module, plan: dict[str, Any], stats: dict[str, Inpu
 
     method: "fit" (scales and biases fitted to the least squared error, weighted by the calibration `stats` when
     given) or "minmax" (mx.quantize's, what MLX and mlx-lm do). tied_head: the token embedding is also the LM head."""
-    from ..loading import apply_quantization
-
     if method not in ("fit", "minmax"):
         raise ValueError(f"method must be 'fit' or 'minmax', got {method!r}")
     before = {path: m for path, m in model.named_modules() if hasattr(m, "to_quantized")}

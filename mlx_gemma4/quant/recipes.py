@@ -5,7 +5,7 @@
 
 Allocation (`Recipe.allocation`):
   uniform   every eligible matrix at `bits`
-  mixed     the tensors 4 bits hurts most at 8 bits (`loading.MIXED_8BIT`: token/PLE embeddings, PLE projection
+  mixed     the tensors 4 bits hurts most at 8 bits (`quant.plan.MIXED_8BIT`: token/PLE embeddings, PLE projection
             and gates, the MoE router), the rest at `bits`
   dynamic   mixed, then the decoder matrices whose quantization moves their layer's output most are raised to 6
             or 8 bits while the whole model stays within `target_bpw` bits per weight (default: mixed's + 0.5)
@@ -30,6 +30,7 @@ import mlx.nn as nn
 
 from . import awq, budget, calibrate, sensitivity
 from .apply import quantize_model
+from .plan import quantization_plan
 
 ALLOCATIONS = ("uniform", "mixed", "dynamic")
 HIGH_BITS = (6, 8)  # what `dynamic` may raise a decoder matrix to
@@ -92,8 +93,6 @@ def quantize(model: nn.Module, bits: int, group_size: int = 64, recipe: str | Re
 
     processor: tokenizes the calibration text (without one, calibrated recipes fall back to unweighted fits;
     awq/dynamic raise)."""
-    from ..loading import quantization_plan
-
     r = as_recipe(recipe)
     plan = quantization_plan(model, bits, group_size, "uniform" if r.allocation == "uniform" else "mixed")
     plan["recipe"] = r.name
