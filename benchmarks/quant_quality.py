@@ -37,21 +37,23 @@ from mlx_gemma4 import load  # noqa: E402
 from mlx_gemma4.compact import use_fast_products  # noqa: E402
 from mlx_gemma4.loading import model_from_weights  # noqa: E402
 from mlx_gemma4.quant.plan import quantization_plan  # noqa: E402
+from mlx_gemma4.runtime import RuntimePolicy  # noqa: E402
 from mlx_gemma4.perplexity import evaluate, kl_divergence, log_probs, text_ids  # noqa: E402
 from mlx_gemma4.quant import Recipe, budget, calibrate  # noqa: E402
 from mlx_gemma4.quant.apply import quantize_model  # noqa: E402
 from test_quant_demo import PROMPTS  # noqa: E402
 
+FLOAT32 = RuntimePolicy.from_arguments("float32")
 EVAL_TEXT = ROOT / "tests" / "fixtures" / "quant_eval_text.txt"
 
 
 def build(ctx, bits, group_size, recipe):
-    return model_from_weights(copy.deepcopy(ctx["config"]), dict(ctx["weights"]), dtype="float32", quantize=bits,
+    return model_from_weights(copy.deepcopy(ctx["config"]), dict(ctx["weights"]), policy=FLOAT32, quantize=bits,
                               group_size=group_size, recipe=recipe, processor=ctx["processor"])
 
 
 def float_model(ctx):
-    return model_from_weights(copy.deepcopy(ctx["config"]), dict(ctx["weights"]), dtype="float32")
+    return model_from_weights(copy.deepcopy(ctx["config"]), dict(ctx["weights"]), policy=FLOAT32)
 
 
 def calibration(ctx):

@@ -31,6 +31,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_gemma4.loading import load_model  # noqa: E402
 from mlx_gemma4.memory import load_preset  # noqa: E402
 from mlx_gemma4.quant import Recipe, affine, quantize  # noqa: E402
+from mlx_gemma4.runtime import RuntimePolicy  # noqa: E402
 from mlx_gemma4.synth import shrink_config, write_checkpoint  # noqa: E402
 
 FULL_LAYERS = 30
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         print("| recipe | seconds | s/layer | full 26B estimate, min |")
         print("|---|---:|---:|---:|")
         for name in names:
-            model = load_model(Path(tmp), dtype="bfloat16")
+            model = load_model(Path(tmp), policy=RuntimePolicy.from_arguments("bfloat16"))
             mx.eval(model.parameters())
             t = time.perf_counter()
             quantize(model, 4, 64, RECIPES[name], processor)

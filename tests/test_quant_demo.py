@@ -65,8 +65,10 @@ def demo():
 
 def _quantized(demo, bits, group_size, recipe):
     from mlx_gemma4.loading import model_from_weights
+    from mlx_gemma4.runtime import RuntimePolicy
 
-    return model_from_weights(copy.deepcopy(demo["model"].config), dict(demo["weights"]), dtype="float32",
+    return model_from_weights(copy.deepcopy(demo["model"].config), dict(demo["weights"]),
+                              policy=RuntimePolicy.from_arguments("float32"),
                               quantize=bits, group_size=group_size, recipe=recipe, processor=demo["processor"])
 
 
