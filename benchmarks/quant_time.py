@@ -59,9 +59,9 @@ class FoldedProcessor:
 
 
 def demo_processor():
-    from mlx_gemma4.gguf import demo_model_path, gguf_processor, gguf_tokenizer, read_gguf
+    from mlx_gemma4.gguf import demo_model_path, gguf_processor, gguf_tokenizer, open_gguf
 
-    gf = read_gguf(demo_model_path())
+    gf = open_gguf(demo_model_path())
     return gguf_processor(gf, gguf_tokenizer(gf))
 
 

@@ -43,7 +43,6 @@ class ScaleGroup:
     magnitude: mx.array  # mean |x| per producer channel (..., c): AWQ's s = magnitude^alpha
     fold: Callable[[mx.array], None]  # divides producer channel j by s_j
     expand: Callable[[mx.array], mx.array] = lambda s: s  # producer channels -> the matrices' input channels
-    per_expert: bool = False  # a leading expert axis (one scale per expert: down banks)
 
 
 def _norm_fold(norm: nn.Module):
@@ -101,14 +100,13 @@ def scale_groups(layer: nn.Module, path: str, stats: dict[str, InputStats]) -> l
                                  _norm_fold(layer.pre_feedforward_layernorm_2)))
         inter = experts.down_proj.shape[-1]
         groups.append(ScaleGroup("experts.down", [(experts, "down_proj")], [key + ".down_proj"],
-                                 stats[key + ".down_proj"].mean_abs(), _rows_fold(experts, "gate_up_proj", inter),
-                                 per_expert=True))
+                                 stats[key + ".down_proj"].mean_abs(), _rows_fold(experts, "gate_up_proj", inter)))
     return groups
 
 
-def _as_input(group: ScaleGroup, x: mx.array) -> mx.array:
-    """A per-input-channel vector (..., in) broadcast against the matrices (..., out, in)."""
-    return x[:, None, :] if group.per_expert else x
+def _per_row(x: mx.array) -> mx.array:
+    """A per-input-channel vector against the matrices: (in,) as is, per expert (E, in) as (E, 1, in)."""
+    return x[:, None, :] if x.ndim == 2 else x
 
 
 SEARCH_ROWS = 256  # rows of each matrix the alpha search quantizes (evenly spaced; the error is a sample mean)
@@ -126,9 +124,9 @@ def _scaled_error(group: ScaleGroup, s: mx.array, stats: dict[str, InputStats], 
     """Σ over the group's matrices (sampled rows) of the activation-weighted error of quantizing W·s with the
     fitted quantizer, in the original units: Σ_j a_j / s_j² · (W_ij s_j - Q(W s)_ij)²."""
     total = mx.array(0.0)
-    sc = _as_input(group, group.expand(s))
+    sc = _per_row(group.expand(s))
     for (module, name), key in zip(group.matrices, group.stats_keys):
-        importance = _as_input(group, stats[key].mean_sq()) / (sc * sc)
+        importance = _per_row(stats[key].mean_sq()) / (sc * sc)  # expert banks: each expert's own tokens
         ws = _sample_rows(getattr(module, name).astype(mx.float32)) * sc
         total = total + ((ws - affine.fake_quantize(ws, group_size, bits, importance)) ** 2 * importance).sum()
     return total
@@ -153,16 +151,19 @@ def apply_scale(group: ScaleGroup, s: mx.array, stats: dict[str, InputStats]) ->
     sc = group.expand(s)
     for module, name in group.matrices:
         w = getattr(module, name)
-        setattr(module, name, (w.astype(mx.float32) * _as_input(group, sc)).astype(w.dtype))
+        setattr(module, name, (w.astype(mx.float32) * _per_row(sc)).astype(w.dtype))
     for key in set(group.stats_keys):
         st = stats[key]
         stats[key] = InputStats(st.sum_sq / (sc * sc), st.sum_abs / sc, st.count)
 
 
 def scale_layer(layer: nn.Module, prefix: str, stats: dict[str, InputStats], bits: int, group_size: int) -> int:
-    """Search and fold the scales of one decoder layer; returns how many groups were scaled."""
+    """Search and fold the scales of one decoder layer; returns how many groups were scaled. Groups with a matrix
+    whose input width is not a multiple of `group_size` stay as they are (that matrix stays in float)."""
     scaled = 0
     for group in scale_groups(layer, prefix, stats):
+        if any(getattr(module, name).shape[-1] % group_size for module, name in group.matrices):
+            continue
         s = search_scale(group, stats, bits, group_size)
         if s is not None:
             apply_scale(group, s, stats)
