@@ -34,7 +34,7 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_gemma4 import load  # noqa: E402
-from mlx_gemma4.compact import use_fast_products  # noqa: E402
+from mlx_gemma4.compact import use_products  # noqa: E402
 from mlx_gemma4.loading import model_from_weights  # noqa: E402
 from mlx_gemma4.quant.plan import quantization_plan  # noqa: E402
 from mlx_gemma4.runtime import RuntimePolicy  # noqa: E402
@@ -66,7 +66,7 @@ def mlx_lm_gptq(ctx, bits, group_size, fallback_bits):
 
     model = float_model(ctx)
     model, _ = gptq_quantize(model, calibration(ctx), bits, group_size, fallback_bits, group_size)
-    use_fast_products(model)
+    use_products(model)
     return model
 
 
@@ -116,7 +116,7 @@ ROWS = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="all", choices=("all", *ROWS))
-    p.add_argument("--only", default=None, help="comma-separated substrings of row labels to run")
+    p.add_argument("--only", default=None, help="row labels to run, separated by ';', in this order")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -135,30 +135,34 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     groups = ROWS if args.rows == "all" else {args.rows: ROWS[args.rows]}
-    for group, rows in groups.items():
-        for label, make in rows:
-            if args.only and not any(s in label for s in args.only.split(",")):
-                continue
-            t = time.perf_counter()
-            try:
-                model = make(ctx)
-            except ImportError as e:
-                print(f"| {label} | skipped: {e} |", flush=True)
-                continue
-            seconds = time.perf_counter() - t
-            r = evaluate(model, [ids], reference)
-            kls = [kl_divergence(ref, log_probs(model, t)) for ref, t in zip(prompt_refs, prompts)]
-            prompt_kl = sum(k * len(t) for k, t in zip(kls, prompts)) / sum(len(t) for t in prompts)
-            row = {"group": group, "weights": label, "bits_per_weight": budget.bits_per_weight(model),
-                   "perplexity": r.perplexity, "increase": r.perplexity / r.reference_perplexity - 1,
-                   "mean_kl": r.mean_kl, "top1": r.top1_agreement, "prompt_kl": prompt_kl, "seconds": seconds}
-            results.append(row)
-            print(f"| {label} | {row['bits_per_weight']:.3f} | {r.perplexity:.3f} | {100 * row['increase']:+.1f}% | "
-                  f"{r.mean_kl:.4f} | {100 * r.top1_agreement:.1f}% | {prompt_kl:.4f} | {seconds:.0f} |", flush=True)
-            del model
-    if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": len(ids), "reference_nll": ref_nll, "rows": results},
-                                              indent=2) + "\n")
+    selected = [(group, label, make) for group, rows in groups.items() for label, make in rows]
+    if args.only:
+        by_label = {label: (group, label, make) for group, label, make in selected}
+        unknown = [label for label in args.only.split(";") if label not in by_label]
+        if unknown:
+            p.error(f"unknown rows {unknown}; known: {'; '.join(by_label)}")
+        selected = [by_label[label] for label in args.only.split(";")]
+    for group, label, make in selected:
+        t = time.perf_counter()
+        try:
+            model = make(ctx)
+        except ImportError as e:
+            print(f"| {label} | skipped: {e} |", flush=True)
+            continue
+        seconds = time.perf_counter() - t
+        r = evaluate(model, [ids], reference)
+        kls = [kl_divergence(ref, log_probs(model, t)) for ref, t in zip(prompt_refs, prompts)]
+        prompt_kl = sum(k * len(t) for k, t in zip(kls, prompts)) / sum(len(t) for t in prompts)
+        row = {"group": group, "weights": label, "bits_per_weight": budget.bits_per_weight(model),
+               "perplexity": r.perplexity, "increase": r.perplexity / r.reference_perplexity - 1,
+               "mean_kl": r.mean_kl, "top1": r.top1_agreement, "prompt_kl": prompt_kl, "seconds": seconds}
+        results.append(row)
+        print(f"| {label} | {row['bits_per_weight']:.3f} | {r.perplexity:.3f} | {100 * row['increase']:+.1f}% | "
+              f"{r.mean_kl:.4f} | {100 * r.top1_agreement:.1f}% | {prompt_kl:.4f} | {seconds:.0f} |", flush=True)
+        del model
+        if args.json:  # after every row: a long run stopped early keeps what it measured
+            Path(args.json).write_text(json.dumps({"tokens": len(ids), "reference_nll": ref_nll, "rows": results},
+                                                  indent=2) + "\n")
     return 0
 
 
