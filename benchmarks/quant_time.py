@@ -39,13 +39,13 @@ EMBEDDING = (262144, 2816)
 VOCAB = 16384
 RECIPES = {
     "minmax": Recipe("uniform", method="minmax"),
-    "uniform, unweighted": Recipe("uniform", calibration=False),
+    "uniform-unweighted": Recipe("uniform", calibration=False),
     "uniform": Recipe("uniform"),
     "mixed": Recipe("mixed"),
     "awq": Recipe("mixed", awq=True),
     "dynamic": Recipe("dynamic"),
 }
-EMBEDDING_BITS = {"minmax": 4, "uniform, unweighted": 4, "uniform": 4, "mixed": 8, "awq": 8, "dynamic": 8}
+EMBEDDING_BITS = {"minmax": 4, "uniform-unweighted": 4, "uniform": 4, "mixed": 8, "awq": 8, "dynamic": 8}
 
 
 class FoldedProcessor:
