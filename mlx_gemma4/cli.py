@@ -13,6 +13,7 @@ goes to stderr at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -272,6 +273,8 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
+    from .layouts import FORMATS
+
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
@@ -282,6 +285,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                    help="mixed: keep embeddings, PLE and MoE router at 8 bits")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
+    p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
+                   help="mlx-vlm: text + towers (default); mlx-lm: text only. Both load here and in mlx-vlm / mlx-lm")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
@@ -293,9 +298,12 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         from .convert import convert
 
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
-        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
-        print(f"wrote {out} ({q})", file=sys.stderr)
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
+        quant = json.loads((out / "config.json").read_text()).get("quantization")
+        q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
+        if args.bits:
+            q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+        print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
 
     return run_reporting_errors(run, args.verbose)
 

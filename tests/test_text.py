@@ -73,7 +73,8 @@ def test_chunked_prefill_and_decode_match_full_forward(pair, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rotating_cache_memory_is_bounded_by_the_window(pair, variant):
-    """Sliding layers hold the window plus a constant (rollback reserve and room), never the context."""
+    """Sliding layers hold the window + 1 (the MTP drafters' history) plus a constant (rollback reserve and room),
+    never the context."""
     ours, _ = pair(variant)
     cache = ours.make_cache()
     ours(mx.array(prompt(2, 30)), cache=cache)
@@ -82,7 +83,7 @@ def test_rotating_cache_memory_is_bounded_by_the_window(pair, variant):
         ours(mx.array([[7]]), cache=cache)
         for c in cache:
             if isinstance(c, RotatingKVCache):
-                assert c.window == window and c.keys.shape[2] <= window + c.rollback + c.room
+                assert c.window == window and c.keys.shape[2] <= window + 1 + c.rollback + c.room
     assert len(cache) == ours.config.text.first_kv_shared_layer  # KV-shared layers have no cache
     for i, c in enumerate(cache):
         assert isinstance(c, RotatingKVCache if ours.config.text.layer_types[i] == "sliding_attention" else KVCache)
