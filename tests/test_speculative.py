@@ -307,3 +307,21 @@ def test_bad_input(pair):
         speculative(target, pair("12b")[1], 2)
     with pytest.raises(ConfigError, match="KV heads"):
         speculative(target, pair("31b")[1], 2)
+
+
+def test_readme_drafter_example_runs_as_written(chat_checkpoint, paths, monkeypatch, capsys):
+    """The README Python block's drafter paragraph, with the Hub ids pointed at the tiny E2B-like pair."""
+    import re
+    from pathlib import Path
+
+    import mlx_gemma4
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "load_drafter" in b)
+    paragraph = next(p for p in block.split("\n\n") if "load_drafter" in p)
+    real_load_drafter = mlx_gemma4.load_drafter
+    monkeypatch.setattr(mlx_gemma4, "load_drafter", lambda repo, target, **kw: real_load_drafter(paths("e2b")[1],
+                                                                                                  target, **kw))
+    model, processor = load(chat_checkpoint("e2b"))
+    exec(compile(paragraph, "README.md", "exec"), {"model": model, "processor": processor, "generate": generate})
+    assert capsys.readouterr().out.strip() == generate(model, processor, "Hi!", max_tokens=100)

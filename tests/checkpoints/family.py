@@ -195,7 +195,7 @@ class OracleDrafter:
         at, seen = self._round
         seen = (seen if at == position else []) + [token]
         self._round = (position, seen)
-        own = self.target(mx.array(self.tokens[:position] + seen, dtype=mx.int32)[None])[:, -1:]
+        own = self.target(mx.array(self.tokens[:position] + seen, dtype=mx.int32)[None], last_only=True)
         if self.noise:
             self._key, key = mx.random.split(self._key)
             own = own + self.noise * own.std() * mx.random.normal(own.shape, key=key)
