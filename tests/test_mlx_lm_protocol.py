@@ -92,6 +92,16 @@ def test_mlx_lm_generate_step_on_mlx_lm_caches(loaded, variant):
         assert {c.offset for c in caches} == {len(ids) + N}  # the prompt and every yielded token
 
 
+def test_mlx_lm_kv_bits_is_refused_not_ignored(loaded):
+    """generate_step(kv_bits=) quantizes the caches that offer `to_quantized` and silently skips the others:
+    ours offer it and refuse (mlx-lm's own rotating cache raises NotImplementedError there)."""
+    model, processor, _ = loaded("e2b")
+    steps = generate_step(mx.array(prompt(processor)), model, max_tokens=2, prompt_cache=model.make_cache(),
+                          kv_bits=4, quantized_kv_start=0, prefill_step_size=4)
+    with pytest.raises(ValueError, match="kv_bits"):
+        list(steps)
+
+
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
 def test_mlx_lm_batch_generator_gives_each_prompt_its_tokens(loaded, variant):
     """mlx-lm's continuous batching: prompts of different lengths prefilled together (right padding, its batch
