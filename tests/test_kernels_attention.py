@@ -13,7 +13,6 @@ from mlx_gemma4.kernels import sliding_attention as sa
 from mlx_gemma4.kernels.verdicts import TOLERANCE
 
 
-
 def visible(L, S, q_start, k_start, window, ids):
     qp = q_start + np.arange(L)[:, None]
     kp = k_start + np.arange(S)[None, :]
@@ -67,6 +66,9 @@ DECODE_CASES = [
     ("31b-global-2-queries", (32, 4), 512, mx.float32, 2, 7, 5, 0, None, None, None),
     ("8-queries-2-row-groups", (8, 1), 32, mx.float32, 8, 40, 32, 0, None, None, 32),
     ("window-cuts-blocks", (4, 2), 64, mx.float32, 4, 50, 146, 100, 9, None, 4),
+    ("first-step-one-key", (4, 2), 64, mx.float32, 1, 1, 0, 0, None, None, None),
+    ("window-1-sees-itself", (4, 1), 64, mx.float16, 2, 10, 8, 0, 1, None, 4),
+    ("8-queries-at-the-limit", (16, 8), 256, mx.bfloat16, 8, 8, 0, 0, 4, [(3, 7)], None),
 ]
 # prefill (more than MAX_QUERIES queries) takes the MLX path whatever the backend
 PREFILL_CASES = [

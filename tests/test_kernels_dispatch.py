@@ -151,9 +151,9 @@ def verdict_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _msim(transform=None, delay=0.0):
-    """A kernel factory: msim's, with each spec's source passed through `transform` and `delay` seconds added to
-    every launch."""
+def _msim(transform=None, delay=0.0, offset=0.0):
+    """A kernel factory: msim's, with each spec's source passed through `transform`, `delay` seconds added to
+    every launch and `offset` added to every output (a kernel that runs but computes wrong numbers)."""
     import time
 
     import msim
@@ -165,20 +165,36 @@ def _msim(transform=None, delay=0.0):
 
         def launch(**call):
             time.sleep(delay)
-            return kernel(**call)
+            outputs = kernel(**call)
+            return [o + offset for o in outputs] if offset else outputs
 
         return launch
 
     return factory
 
 
+def _decode_call(seed):
+    """q, k, v and keywords of a small decode attention call (4 query heads over 2 KV heads, 20 keys), and its
+    result on the MLX path."""
+    rng = np.random.default_rng(seed)
+    q = mx.array(rng.standard_normal((1, 4, 1, 32)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((1, 2, 20, 32)).astype(np.float32)) for _ in range(2))
+    kw = dict(scale=0.2, q_start=19, k_start=0, window=None)
+    with use_backend("mlx"):
+        return q, k, v, kw, windowed_attention(q, k, v, **kw)
+
+
 def test_auto_respects_the_default_device(monkeypatch):
-    """With a Metal device but MLX computing on the CPU (mx.default_device()), auto takes the MLX path."""
+    """With a Metal device but MLX computing on the CPU (mx.default_device()), auto takes the MLX path; with the
+    GPU as the default device, the Metal kernels (each class after its self-check)."""
     monkeypatch.setattr(kernels, "_metal_available", lambda: True)
+    monkeypatch.setattr(kernels, "_metal_runner", None)  # the runner built here is not kept
     assert mx.default_device() == mx.cpu
     assert kernels.backend() == "mlx"
     with use_backend("metal"):
         assert kernels.backend() == "metal"
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert kernels.backend() == "metal"
 
 
 def test_invalid_kernel_body_falls_back_with_one_warning_per_class(text_checkpoint, verdict_dir):
@@ -218,12 +234,7 @@ def test_slow_kernel_is_not_chosen_and_a_faster_one_is(verdict_dir, monkeypatch)
     from mlx_gemma4.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "TIMING_CONTEXT", 40)  # emulated timing runs stay short
-    rng = np.random.default_rng(0)
-    q = mx.array(rng.standard_normal((1, 4, 1, 32)).astype(np.float32))
-    k, v = (mx.array(rng.standard_normal((1, 2, 20, 32)).astype(np.float32)) for _ in range(2))
-    kw = dict(scale=0.2, q_start=19, k_start=0, window=None)
-    with use_backend("mlx"):
-        want = windowed_attention(q, k, v, **kw)
+    q, k, v, kw, want = _decode_call(0)
 
     with pytest.warns(RuntimeWarning, match="slower than the MLX path"):
         with use_kernel_factory(_msim(delay=0.05)) as runner:
@@ -279,12 +290,22 @@ def test_verdicts_are_cached_per_environment_and_kernel_source(tmp_path, monkeyp
     assert len(measured) == 2
 
     real_environment = verdicts.environment
-    monkeypatch.setattr(verdicts, "environment", lambda device: {**real_environment(device), "mlx": "9.9"})
-    verdicts.VerdictStore("gpu-a", tmp_path).verdict(klass, check)  # another MLX version: verified again
-    assert len(measured) == 3
-    assert json.loads((tmp_path / verdicts.CACHE_FILE).read_text())["environment"]["mlx"] == "9.9"
-    verdicts.VerdictStore("gpu-b", tmp_path).verdict(klass, check)  # another device
-    assert len(measured) == 4
+    for field in ("device", "os", "mlx", "package"):  # another device, macOS, MLX or package: verified again
+        where = tmp_path / field
+        verdicts.VerdictStore("gpu-a", where).verdict(klass, check)
+        verdicts.VerdictStore("gpu-a", where).verdict(klass, check)
+        before = len(measured)
+        monkeypatch.setattr(verdicts, "environment", lambda device, f=field: {**real_environment(device), f: "new"})
+        verdicts.VerdictStore("gpu-a", where).verdict(klass, check)
+        assert len(measured) == before + 1, field
+        assert json.loads((where / verdicts.CACHE_FILE).read_text())["environment"][field] == "new"
+        monkeypatch.setattr(verdicts, "environment", real_environment)
+
+    (tmp_path / verdicts.CACHE_FILE).write_text("{not json")  # a damaged file: verified again, and replaced
+    before = len(measured)
+    assert verdicts.VerdictStore("gpu-a", tmp_path).verdict(klass, check).agrees
+    assert len(measured) == before + 1
+    assert klass.key in json.loads((tmp_path / verdicts.CACHE_FILE).read_text())["verdicts"]
 
 
 def test_forcing_metal_skips_the_self_check(verdict_dir):
@@ -293,3 +314,76 @@ def test_forcing_metal_skips_the_self_check(verdict_dir):
     with use_runtime_defaults(backend="metal"), use_kernel_factory(_msim()) as runner:
         windowed_attention(q, kv, kv, scale=1.0, q_start=4, k_start=0, window=None)
     assert runner.compiled and not runner.verdicts._load()
+
+
+def test_kernel_that_disagrees_is_not_used(verdict_dir):
+    """A kernel that runs but computes wrong numbers fails the agreement check: the MLX path runs, with one warning
+    naming the error however many calls follow, and the verdict is kept."""
+    import warnings
+
+    q, k, v, kw, want = _decode_call(1)
+    with warnings.catch_warnings(record=True) as caught, use_kernel_factory(_msim(offset=1.0)) as runner:
+        warnings.simplefilter("always")
+        got = [windowed_attention(q, k, v, **kw) for _ in range(3)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "disagrees with the MLX path (max rel error" in messages[0], messages
+    (verdict,) = runner.verdicts._load().values()
+    assert verdict.compiled and verdict.agrees is False and verdict.chosen == "mlx" and verdict.max_rel_error > 0.1
+    assert verdict.kernel_ms is None  # not timed: it failed first
+    assert all(mx.array_equal(g, want) for g in got)
+
+
+def test_the_models_policy_chooses_the_backend(text_checkpoint, verdict_dir, monkeypatch):
+    """With a kernel factory installed (as a Metal GPU would be), what load() was told decides: kernels="mlx" (or
+    MLX_GEMMA4_KERNELS=mlx when load() is not told) runs no kernel, "metal" runs them unchecked (no verdict),
+    "auto" runs the self-check first (a verdict per kernel class)."""
+    import warnings
+
+    from mlx_gemma4 import load
+    from mlx_gemma4.kernels import decode_attention as da
+    from mlx_gemma4.kernels import expert_decode as ed
+
+    monkeypatch.setattr(da, "TIMING_CONTEXT", 40)  # emulated timing runs stay short
+    path = text_checkpoint("26b")
+    ids = mx.array([[5, 6, 7, 8, 9]])
+
+    def decode_step(model):
+        cache = model.make_cache()
+        model(ids[:, :4], cache=cache)
+        return model(ids[:, 4:], cache=cache)
+
+    monkeypatch.setenv("MLX_GEMMA4_KERNELS", "mlx")
+    by_environment, _ = load(path, dtype="float32")
+    monkeypatch.setenv("MLX_GEMMA4_KERNELS", "metal")
+    by_argument, _ = load(path, dtype="float32", kernels="mlx")  # the argument wins over the environment
+    for model in (by_environment, by_argument):
+        with use_kernel_factory(_msim()) as runner:
+            decode_step(model)
+        assert model.policy.kernel_backend == "mlx" and not runner.compiled
+
+    forced, _ = load(path, dtype="float32")  # MLX_GEMMA4_KERNELS=metal
+    with use_kernel_factory(_msim()) as runner:
+        decode_step(forced)
+    assert runner.compiled >= {da.PASS1_SINGLE.name, ed.SPEC.name} and not runner.verdicts._load()
+
+    monkeypatch.delenv("MLX_GEMMA4_KERNELS")
+    checked, _ = load(path, dtype="float32")
+    with warnings.catch_warnings(), use_kernel_factory(_msim()) as runner:
+        warnings.simplefilter("ignore")  # the emulator may well be "slower than the MLX path"
+        decode_step(checked)
+    assert {key.split("/")[0] for key in runner.verdicts._load()} == {"decode_attention", "expert_decode"}
+
+
+def test_macos_requires_the_mlx_the_kernels_were_written_against():
+    """The kernels' bodies are checked against the text MLX 0.32's metal_kernel generates
+    (test_emulator_compiles_the_exact_text_mlx_generates): on macOS the package must not install an older MLX."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib (Python >= 3.11) reads pyproject.toml")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    on_mac = [r for r in map(Requirement, project["dependencies"])
+              if r.name == "mlx" and (r.marker is None or r.marker.evaluate({"sys_platform": "darwin"}))]
+    assert len(on_mac) == 1, on_mac
+    assert on_mac[0].specifier.contains("0.32.0") and not on_mac[0].specifier.contains("0.31.9")

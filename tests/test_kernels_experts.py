@@ -13,7 +13,6 @@ from mlx_gemma4.kernels import gather_experts as ge
 from mlx_gemma4.kernels.verdicts import TOLERANCE
 
 
-
 def reference(x, indices, weights, gate_up, down):
     """float64 numpy: out[t] = sum_k w[t,k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t]))."""
     inter = gate_up.shape[1] // 2
@@ -66,6 +65,8 @@ CASES = [
     (mx.float16, 8, 32, 10),
     (mx.float32, 4, 32, 2),
     (mx.float32, 8, 64, 9),
+    (mx.bfloat16, 4, 128, 8),  # the largest group, at the decode kernel's token limit
+    (mx.float16, 8, 128, 5),
 ]
 # MLX's CPU quantized matmuls keep bfloat16/float16 intermediates
 TOL_MLX = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 4e-2}
@@ -81,7 +82,7 @@ def _id(case):
 def test_expert_glu_metal_and_mlx_match_float64(case, metal_emulator):
     dtype, bits, gs, T = case
     rng = np.random.default_rng(T * 7 + (bits or 0))
-    E, H, I, K = 16, 128, 64, 8  # 26B A4B: top-8 experts (of 128; 16 here), H and I shrunk
+    E, H, I, K = 16, 128, max(64, gs or 0), 8  # 26B A4B: top-8 experts (of 128; 16 here), H and I shrunk
     gate_up, gu64 = make_bank(rng, (E, 2 * I, H), dtype, bits, gs)
     down, dn64 = make_bank(rng, (E, H, I), dtype, bits, gs)
     x = mx.array(rng.standard_normal((T, H)).astype(np.float32)).astype(dtype)
@@ -124,6 +125,24 @@ def test_decode_kernel_reads_16_byte_units_and_factors_scales(metal_emulator):
         assert launch.loads_by_width["16"] * 16 == launch.buffers["w"][0]  # only 16-byte weight loads
 
 
+def test_rows_the_kernel_cannot_read_in_16_byte_units_take_the_mlx_path(metal_emulator):
+    """A float32 bank whose rows are 34 * 4 bytes (not a whole number of 16-byte units) takes the MLX path even
+    with the Metal backend forced; the same shapes one unit wider run the kernel."""
+    rng = np.random.default_rng(6)
+    E, I, K, T = 4, 16, 3, 2
+    for H, kernel_runs in ((34, False), (36, True)):
+        gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, None, None)
+        down, dn64 = make_bank(rng, (E, H, I), mx.float32, None, None)
+        assert ed.reads(gate_up) == kernel_runs and ed.reads(down)
+        x = mx.array(rng.standard_normal((T, H)).astype(np.float32))
+        idx, w = make_routing(rng, T, K, E)
+        ref = reference(np.array(x, np.float64), np.array(idx), np.array(w, np.float64), gu64, dn64)
+        with metal_emulator() as runner:
+            out = expert_glu(x, idx, w, gate_up, down)
+        assert runner.compiled == ({ed.SPEC.name} if kernel_runs else set())
+        np.testing.assert_allclose(np.array(out), ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_mlx_paths_agree(bits):
     """The MLX-ops implementations (gathered matmuls unsorted and sorted by expert, per-expert segments) give the
@@ -163,7 +182,7 @@ def test_other_quant_modes_take_the_mlx_path(mode, bits, gs, metal_emulator):
     E, H, I, K = 8, 128, 128, 4
     gate_up, gu64 = make_bank(rng, (E, 2 * I, H), mx.float32, bits, gs, mode)
     down, dn64 = make_bank(rng, (E, H, I), mx.float32, bits, gs, mode)
-    assert not gate_up.metal_supported
+    assert not ed.reads(gate_up) and not ed.reads(down)
     for T in (3, ge.SORT_MIN_PAIRS // K + 2):  # gathered (decode) and per-expert segments (CPU prefill)
         x = mx.array(rng.standard_normal((T, H)).astype(np.float32))
         idx, w = make_routing(rng, T, K, E)

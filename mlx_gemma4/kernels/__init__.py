@@ -166,13 +166,12 @@ def expert_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_up: Exper
 
     x (T, H); indices (T, K) int32 expert ids; weights (T, K) routing weights. gate_up is (E, 2I, H) with gate
     rows [:I] and up rows [I:], down is (E, H, I), both plain float or MLX-quantized (any mode), read in place.
-    Banks the Metal kernels do not read (see ExpertBank.metal_supported) take the MLX path (gather_qmm).
+    Banks the Metal kernel does not read (`expert_decode.reads`) take the MLX path (gather_qmm).
     Returns (T, H) in x's dtype."""
     _validate_experts(x, indices, weights, gate_up, down)
     if x.shape[0] == 0:
         return mx.zeros(x.shape, x.dtype)
-    if (x.shape[0] <= expert_decode.MAX_TOKENS and gate_up.metal_supported and down.metal_supported
-            and expert_decode.aligned(gate_up) and expert_decode.aligned(down)):
+    if x.shape[0] <= expert_decode.MAX_TOKENS and expert_decode.reads(gate_up) and expert_decode.reads(down):
         runner = _verified_runner(lambda: expert_decode.kernel_class(x, gate_up),
                                   lambda r: expert_decode.check(r, x, indices.shape[1], gate_up, down))
         if runner is not None:

@@ -233,8 +233,12 @@ def rows_per_lane(tokens: int, input_dtype: mx.Dtype, bank, glu: bool) -> int:
     return max(1, min(math.ceil(want_rows / THREADS), budget))
 
 
-def aligned(bank) -> bool:
-    """The kernel reads rows in 16-byte units that never straddle a scale group."""
+def reads(bank) -> bool:
+    """Whether the kernel reads this bank: float, or affine-quantized with 4 or 8 bits (group size 32, 64 or 128;
+    other modes and bit widths take the MLX path), in rows of whole 16-byte units that never straddle a scale
+    group."""
+    if bank.quantized and not (bank.mode == "affine" and bank.bits in (4, 8) and bank.group_size in (32, 64, 128)):
+        return False
     in_bytes = bank.in_dim * (bank.bits / 8 if bank.quantized else bank.weight.dtype.size)
     if in_bytes % 16:
         return False

@@ -54,12 +54,6 @@ class ExpertBank:
     def in_dim(self) -> int:
         return self.weight.shape[2] * 32 // self.bits if self.quantized else self.weight.shape[2]
 
-    @property
-    def metal_supported(self) -> bool:
-        """Whether the Metal kernels read this bank: float, or affine 4/8-bit with group size 32/64/128."""
-        return not self.quantized or (self.mode == "affine" and self.bits in (4, 8)
-                                      and self.group_size in (32, 64, 128))
-
     def validate(self, what: str) -> None:
         if self.weight.ndim != 3:
             raise ValueError(f"{what}: expert weight must be 3-D (E, out, in), got shape {self.weight.shape}")
