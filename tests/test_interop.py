@@ -389,6 +389,23 @@ def test_gate_and_up_banks_stored_differently(converted, tmp_path):
         load(path)
 
 
+@pytest.mark.parametrize("tensor,message", [
+    ("layers.1.self_attn.q_proj.scales", r"layers.1.self_attn.q_proj: packed uint32 weight \(64, 16\) stored without "
+                                         "its scales"),
+    ("layers.1.experts.switch_glu.down_proj.scales", r"layers.1.experts.down_proj: packed uint32 weight \(16, 64, 8\) stored "
+                                                     "without its scales"),
+    ("layers.1.self_attn.q_proj.weight", "layers.1.self_attn.q_proj: scales .* stored with a packed weight that is "
+                                         "missing"),
+])
+def test_a_missing_quantization_tensor(converted, tmp_path, tensor, message):
+    path = _copy(converted, "mlx-lm-26b-8bit-g32", tmp_path)
+    weights = mx.load(str(path / "model.safetensors"))
+    del weights[f"language_model.model.{tensor}"]
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    with pytest.raises(CheckpointError, match=message):
+        load(path)
+
+
 def test_missing_processor_files_fall_back_to_the_published_ones(converted, tmp_path):
     """A conversion without chat template and processor settings: the packaged Gemma 4 ones, with a warning."""
     from mlx_gemma4.processing.chat import BUILTIN_TEMPLATE
