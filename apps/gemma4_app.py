@@ -15,7 +15,6 @@ chat, and the app keeps serving.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import mlx_gemma4  # noqa: E402,F401  (preloads the BLAS before mlx.core)
 import gradio as gr  # noqa: E402
 
+from mlx_gemma4.engine import ContextError  # noqa: E402
 from mlx_gemma4.expert_trace import moe_layers, record_expert_choices  # noqa: E402
 
 MODEL_CHOICES = ["google/gemma-4-E2B-it", "google/gemma-4-E4B-it", "google/gemma-4-26B-A4B-it",
@@ -36,10 +36,6 @@ IMAGE_BUDGETS = [70, 140, 280, 560, 1120]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".webm", ".aac", ".opus"}
 
-
-# Image/audio/video marker tokens (<|image>, <|image|>, <image|>, ...). Text in a conversation with media (typed by
-# the user, or an earlier reply) must not contain them: the processor expands each one as a media slot.
-MEDIA_MARKER = re.compile(r"<\|?(?:image|audio|video)\|?>")
 
 
 class UserError(Exception):
@@ -175,9 +171,9 @@ class Turn:
 
 
 class Conversation:
-    """One browser session's chat. The `ChatSession` (and its KV cache) is reused while the model, the system
-    prompt and the thinking switch stay the same and every turn finished; otherwise the next turn rebuilds it
-    from the finished turns (one full prefill) so the cache always matches the history."""
+    """One browser session's chat. Its `ChatSession` keeps the KV cache, images and audio included, between
+    turns while the model, the system prompt and the thinking switch stay the same; otherwise (or after a
+    failed turn) the next turn rebuilds it from the finished turns, attachments included (one full prefill)."""
 
     def __init__(self):
         self.turns: list[Turn] = []
@@ -186,7 +182,7 @@ class Conversation:
         self.stop = threading.Event()
 
     def session_for(self, host: ModelHost, settings: Settings):
-        from mlx_gemma4.session import ChatSession
+        from mlx_gemma4.session import ChatSession, user_message
 
         key = (host.generation, settings.system, bool(settings.thinking))
         if self.session is None or self.session_key != key:
@@ -194,38 +190,13 @@ class Conversation:
                                   enable_thinking=bool(settings.thinking))
             for turn in self.turns:
                 if turn.error is None and turn.raw_reply:
-                    session.messages += [{"role": "user", "content": turn.text},
+                    session.messages += [user_message(turn.text, turn.images, turn.audios),
                                          {"role": "assistant", "content": turn.raw_reply}]
             self.session, self.session_key = session, key
         return self.session
 
     def drop_cache(self) -> None:
         self.session = None
-
-    @property
-    def has_media(self) -> bool:
-        return any(t.images or t.audios for t in self.turns if t.error is None)
-
-    def media_stream(self, host: ModelHost, settings: Settings, **gen_kwargs):
-        """Stream the reply to the last turn of a conversation that holds images or audio: the whole conversation
-        with every earlier attachment is prefilled (no KV reuse), so later turns still see earlier media."""
-        from mlx_gemma4.generate import stream_generate
-
-        messages = [{"role": "system", "content": settings.system}] if settings.system else []
-        images, audios = [], []
-        *done, current = self.turns
-        for turn in [t for t in done if t.error is None and t.raw_reply] + [current]:
-            content = ([{"type": "image"} for _ in turn.images] + [{"type": "audio"} for _ in turn.audios]
-                       + [{"type": "text", "text": MEDIA_MARKER.sub("", turn.text)}])
-            messages.append({"role": "user", "content": content})
-            images += turn.images
-            audios += turn.audios
-            if turn is not current:
-                messages.append({"role": "assistant", "content": MEDIA_MARKER.sub("", turn.raw_reply)})
-        ids, media = host.processor.prompt_inputs(messages, enable_thinking=bool(settings.thinking), images=images,
-                                                  audio=audios, max_soft_tokens=int(settings.image_budget))
-        self.drop_cache()  # text turns after this one rebuild their session from the history
-        return stream_generate(host.model, host.processor, ids, media=media or None, **gen_kwargs)
 
     def chatbot(self) -> list[dict]:
         out: list[dict] = []
@@ -291,15 +262,10 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
     gen_kwargs = dict(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
                       top_p=float(settings.top_p))
     conv.stop.clear()
-    finished = False
+    failed = True
     with host.lock:
-        if conv.has_media:
-            try:
-                stream = conv.media_stream(host, settings, **gen_kwargs)
-            except ValueError as e:  # e.g. a tokenizer without image/audio tokens
-                raise UserError(str(e)) from e
-        else:
-            stream = conv.session_for(host, settings).send(turn.text, **gen_kwargs)
+        stream = conv.session_for(host, settings).send(turn.text, images=turn.images, audio=turn.audios,
+                                                       max_soft_tokens=int(settings.image_budget), **gen_kwargs)
     trace_ctx = record_expert_choices(host.model) if host.is_moe else None
     trace = trace_ctx.__enter__() if trace_ctx is not None else None
     last = None
@@ -311,7 +277,6 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
             with host.lock:
                 chunk = next(stream, None)
             if chunk is None:
-                finished = True
                 break
             last = chunk
             turn.raw_reply += chunk.text
@@ -320,17 +285,22 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
                 turn.thinking, turn.answer = "", turn.raw_reply.strip()
             turn.stats, turn.generation_stats = chunk.stats.summary(), chunk.stats
             yield turn.stats, None
+        failed = False
+    except ContextError as e:
+        raise UserError(f"{e}; press Clear to start a new conversation") from e
+    except (ValueError, OSError) as e:  # e.g. a tokenizer without image/audio tokens
+        raise UserError(str(e)) from e
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
             raise
         raise UserError(f"out of memory during generation ({e}); try a shorter conversation (Clear), fewer max "
                         "tokens, 4-bit quantization or a smaller model") from e
     finally:
-        stream.close()
+        stream.close()  # a reply stopped by the user stays in the session, as far as it got
         if trace_ctx is not None:
             trace_ctx.__exit__(None, None, None)
-        if not finished:
-            conv.drop_cache()  # the cache holds a partial reply the session did not record
+        if failed:
+            conv.drop_cache()  # the next turn rebuilds the session from the finished turns
     figure = None
     if trace is not None and last is not None:
         figure = expert_figure(trace, last.stats.prompt_tokens, Path(host.name).name)

@@ -116,7 +116,9 @@ def test_multi_turn_reuses_kv_cache_and_matches_a_fresh_prefill(app, host):
     assert conv.session.messages[0] == {"role": "system", "content": "Be brief."}
 
 
-def test_stop_keeps_the_partial_reply_and_rebuilds_the_cache(app, host):
+def test_stop_keeps_the_partial_reply_and_the_cache(app, host):
+    from mlx_gemma4.generate import generate
+
     conv = app.Conversation()
     turn = app.Turn(text=PROMPT)
     conv.turns.append(turn)
@@ -126,9 +128,13 @@ def test_stop_keeps_the_partial_reply_and_rebuilds_the_cache(app, host):
     rest = list(stream)
     assert turn.stats.startswith("stopped by the user")
     assert len(rest) == 1 and turn.generation_stats.generation_tokens == 1
-    assert conv.session is None  # its cache held a reply the session never recorded
+    session = conv.session
+    assert session is not None and session.messages[-1] == {"role": "assistant", "content": turn.raw_reply}
     nxt, _ = run_turn(app, host, conv, "go on")
-    assert nxt.generation_stats.cached_tokens == 0 and nxt.generation_stats.generation_tokens > 0
+    stats = nxt.generation_stats
+    assert conv.session is session and stats.cached_tokens > 0 and stats.generation_tokens > 0
+    ids = session.cache.tokens[:stats.cached_tokens + stats.prompt_tokens]
+    assert generate(host.model, host.processor, ids, max_tokens=24) == nxt.raw_reply  # = a fresh prefill
 
 
 def test_moe_reply_comes_with_an_expert_plot(app, host):
@@ -166,12 +172,17 @@ def test_image_and_audio_turns_generate_and_stay_in_context(app, media_host, med
     small.turns.append(first)
     list(app.respond(media_host, small, first, app.Settings(max_tokens=12, image_budget=70)))
     assert first.generation_stats.prompt_tokens < turn.generation_stats.prompt_tokens
-    follow = app.Turn("and then? <|image|>")  # typed marker tokens are dropped, not taken as an image slot
+    follow = app.Turn("and then? <|image|>")  # a typed marker token stays text, not an image slot
     small.turns.append(follow)
     list(app.respond(media_host, small, follow, app.Settings(max_tokens=12, image_budget=70)))
     assert follow.error is None and follow.generation_stats.generation_tokens > 0
-    # (a text-only history would be shorter than the first prompt, which holds the image and audio tokens)
-    assert follow.generation_stats.prompt_tokens > first.generation_stats.prompt_tokens
+    # the first turn (its image and audio soft tokens included) is reused from the cache
+    assert follow.generation_stats.cached_tokens > first.generation_stats.prompt_tokens
+    ids = small.session.cache.tokens[:follow.generation_stats.cached_tokens + follow.generation_stats.prompt_tokens]
+    _, media = media_host.processor.prompt_inputs("", images=[media["image"]], audio=[media["audio"]],
+                                                  max_soft_tokens=70)
+    reply = generate(media_host.model, media_host.processor, ids, media=media, max_tokens=12)
+    assert reply == follow.raw_reply  # = one fresh prefill of the conversation with both attachments
 
 
 def test_quantization_choice_loads_a_quantized_model(app, moe_chat):
