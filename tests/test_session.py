@@ -96,3 +96,49 @@ def test_a_session_can_start_from_a_prompt_cache(vision):
     chunks = list(session.send("What is this?", images=[picture(8)], max_soft_tokens=70, **KW))
     assert chunks[-1].stats.cached_tokens == cached and [c.token for c in chunks] == expected
 
+
+# -- the command line: --image/--audio with --chat and --prompt-cache ------------------------------------------
+def _png(path, seed):
+    from PIL import Image
+
+    Image.fromarray(picture(seed)).save(path)
+    return str(path)
+
+
+def test_repl_takes_images_in_any_turn(vision_chat_checkpoint, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from mlx_gemma4 import cli
+
+    first, second = _png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {second}\nCompare them.\n/image {tmp_path}/nope.png\nok\n"))
+    assert cli.main(["--model", str(vision_chat_checkpoint), "--chat", "--prompt", "What is this?", "--image", first,
+                     "--max-tokens", "3", "--max-soft-tokens", "70"]) == 0
+    err = capsys.readouterr().err
+    stats = [line for line in err.splitlines() if line.startswith("prompt:")]
+    assert len(stats) == 3 and "cached" not in stats[0] and all("cached)" in line for line in stats[1:])
+    assert f"(attached to your next message: {second})" in err
+    assert "error: --image: no such file" in err and "the conversation is kept" in err
+    prefilled = [int(line.split(" tokens")[0].split()[-1]) for line in stats]
+    assert prefilled[0] > 70 and prefilled[1] > 70 > prefilled[2]  # each image's 70 soft tokens, in its own turn
+
+
+def test_prompt_cache_with_images_and_with_chat(vision_chat_checkpoint, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from mlx_gemma4 import cli
+
+    model = str(vision_chat_checkpoint)
+    cache = str(tmp_path / "system.safetensors")
+    assert cli.prompt_cache_main(["--model", model, "--system", "Look closely.", "--out", cache]) == 0
+    capsys.readouterr()
+    common = ["--model", model, "--system", "Look closely.", "--prompt-cache", cache, "--max-tokens", "3",
+              "--max-soft-tokens", "70"]
+    assert cli.main([*common, "--prompt", "What is this?", "--image", _png(tmp_path / "c.png", 3)]) == 0
+    assert "cached)" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("and now?\n"))
+    assert cli.main([*common, "--chat", "--prompt", "hello"]) == 0
+    stats = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prompt:")]
+    assert len(stats) == 2 and all("cached)" in line for line in stats)
