@@ -6,6 +6,7 @@ _preload_blas()  # must run before the first `import mlx.core`
 
 __version__ = "0.1.0"
 
+from .drafter import load_drafter  # noqa: E402
 from .loading import load  # noqa: E402
 
-__all__ = ["load", "__version__"]
+__all__ = ["load", "load_drafter", "__version__"]

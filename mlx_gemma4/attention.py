@@ -36,6 +36,7 @@ class Attention(nn.Module):
         self.scale = config.attention_scale
         self.window = config.sliding_window if self.layer_type == SLIDING else None
         self.is_kv_shared = config.is_kv_shared(layer)
+        self.vision_blocks_on_all_layers = config.vision_blocks_on_all_layers
         self.use_value_norm = config.use_value_norm
         self.eps = config.rms_norm_eps
         hidden, bias, eps, off = config.hidden_size, config.attention_bias, config.rms_norm_eps, config.norm_offset
@@ -81,13 +82,29 @@ class Attention(nn.Module):
         window, block_ids = self.window, None
         if L == 1 and self.window is not None and keys.shape[2] <= self.window:
             window = None  # every cached key is inside the window (ring buffer may be in slot order)
-        if self.window is not None and step.block_ids is not None:
+        if step.block_ids is not None and (self.window is not None or self.vision_blocks_on_all_layers):
             # Keys from earlier chunks never share an image block with this chunk (images are never split).
             pad = step.offset - k_start
             block_ids = step.block_ids
             if pad:
                 block_ids = mx.concatenate([mx.full((pad,), -1, mx.int32), block_ids])
-        out = windowed_attention(q, keys, values, scale=self.scale, q_start=step.offset, k_start=k_start,
-                                 window=window, block_ids=block_ids)
+        attend = windowed_attention
+        if block_ids is not None and window is not None and self.vision_blocks_on_all_layers:
+            attend = window_or_block_attention
+        out = attend(q, keys, values, scale=self.scale, q_start=step.offset, k_start=k_start, window=window,
+                     block_ids=block_ids)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), (keys, values, k_start)
+
+
+def window_or_block_attention(q, k, v, *, scale: float, q_start: int, k_start: int, window: int,
+                              block_ids: mx.array) -> mx.array:
+    """A key is visible iff (causal and inside the window) or in the query's image block: the 12B's sliding
+    layers over a chunk holding images (transformers ORs its block overlay after the window, as Gemma 3 does;
+    windowed_attention keeps the window, as Gemma 4 does). Dense mask: only prefill chunks with images come here."""
+    L, S = q.shape[2], k.shape[2]
+    q_pos = mx.arange(q_start, q_start + L)[:, None]
+    k_pos = mx.arange(k_start, k_start + S)[None, :]
+    q_ids, k_ids = block_ids[q_start - k_start:][:, None], block_ids[None, :]
+    visible = ((k_pos <= q_pos) & (q_pos - k_pos < window)) | ((q_ids == k_ids) & (q_ids >= 0))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)

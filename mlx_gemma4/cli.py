@@ -338,11 +338,12 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-synth -----------------------------------------------------------------------------------------
 def synth_main(argv: Sequence[str] | None = None) -> int:
-    from .memory import VARIANTS
+    from .memory import FAMILY_PRESETS, VARIANTS
 
     ap = argparse.ArgumentParser(prog="mlx-gemma4-synth",
                                  description="Synthetic Gemma 4 checkpoints at the published dimensions.")
-    ap.add_argument("--variant", required=True, choices=VARIANTS)
+    ap.add_argument("--variant", required=True, choices=VARIANTS + FAMILY_PRESETS,
+                    help="a model (12b: Gemma 4 12B, gemma4_unified), or its MTP drafter (<variant>-assistant)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--layers", type=int, help="keep only the first N layers (pattern and KV sharing kept)")
     ap.add_argument("--vocab", type=int, help="smaller vocabulary (mlx-lm's gemma4 needs the real 262144)")

@@ -18,7 +18,8 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text")
+SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text", "gemma4_unified_text")
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "proportional", "linear")
 
@@ -87,6 +88,9 @@ class TextConfig:
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
     use_bidirectional_attention: str | None = None
+    # With use_bidirectional_attention="vision": Gemma 4 lets an image's tokens see each other on sliding layers
+    # only, within the window; the 12B (gemma4_unified) on every layer, whatever the window (as Gemma 3).
+    vision_blocks_on_all_layers: bool = False
     pad_token_id: int = 0
     max_position_embeddings: int = 131072
     # Gemma 3 conventions expressed as configuration of the same decoder.
@@ -107,10 +111,18 @@ class TextConfig:
         if layer < self.first_kv_shared_layer:
             return layer
         kind = self.layer_types[layer]
+        try:
+            return self.last_kv_layer(kind)
+        except ConfigError:
+            raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV") from None
+
+    def last_kv_layer(self, kind: str) -> int:
+        """The last layer of type `kind` with a cache of its own: the KV that shared layers and MTP drafters read
+        (transformers' kv_sharing_modes "store")."""
         for j in range(self.first_kv_shared_layer - 1, -1, -1):
             if self.layer_types[j] == kind:
                 return j
-        raise ConfigError(f"layer {layer} ({kind}) is KV-shared but no earlier {kind} layer produces KV")
+        raise ConfigError(f"no {kind} layer owns a KV cache")
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer
@@ -129,8 +141,9 @@ class TextConfig:
             raise ConfigError(
                 f"text model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})"
             )
-        parse = _parse_gemma3 if model_type == "gemma3_text" else _parse_gemma4
-        return parse(dict(d))
+        if model_type == "gemma3_text":
+            return _parse_gemma3(dict(d))
+        return _parse_gemma4(dict(d), unified=model_type == "gemma4_unified_text")
 
 
 def _require(d: dict, key: str, kind=int):
@@ -180,8 +193,20 @@ _GEMMA4_KEYS = {
 }
 
 
-def _parse_gemma4(d: dict) -> TextConfig:
+# The 12B's decoder (gemma4_unified_text) is Gemma 4's without per-layer embeddings and MoE.
+_NOT_IN_UNIFIED = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+                   "top_k_experts", "moe_intermediate_size")
+
+
+def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
     _check_unknown(d, _GEMMA4_KEYS)
+    if unified:
+        bad = {k: d[k] for k in _NOT_IN_UNIFIED if d.get(k) not in (None, False, 0)}
+        if bad:
+            raise ConfigError(f"gemma4_unified_text has no per-layer embeddings or MoE, but the config sets {bad}")
+        # transformers' Gemma4UnifiedTextConfig defaults: vision tokens attend bidirectionally, 256K positions
+        d.setdefault("use_bidirectional_attention", "vision")
+        d.setdefault("max_position_embeddings", 262144)
     _check_activation(d)
     n_layers = _require(d, "num_hidden_layers")
     layer_types = list(d.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)])
@@ -252,7 +277,7 @@ def _parse_gemma4(d: dict) -> TextConfig:
         raise ConfigError(f"num_kv_shared_layers={n_shared} must be in [0, {n_layers})")
 
     cfg = TextConfig(
-        model_type="gemma4_text",
+        model_type="gemma4_unified_text" if unified else "gemma4_text",
         **_shared_fields(d),
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
@@ -270,6 +295,7 @@ def _parse_gemma4(d: dict) -> TextConfig:
         top_k_experts=int(d.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(d.get("moe_intermediate_size") or d.get("expert_intermediate_size") or 0) if moe else 0,
         use_bidirectional_attention=bidir,
+        vision_blocks_on_all_layers=unified and bidir == "vision",
         max_position_embeddings=int(d.get("max_position_embeddings") or 131072),
     )
     for i in range(n_layers):
@@ -362,8 +388,11 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         quant = d.get("quantization")
-        if model_type in ("gemma4", "gemma3"):
-            if "text_config" not in d:
+        if model_type in DRAFTER_TYPES:
+            raise ConfigError(f"this is a {model_type} checkpoint: an MTP drafter, not a model of its own; load it "
+                              "with load_drafter(path) (or --draft-model) next to its target model")
+        if model_type in ("gemma4", "gemma3", "gemma4_unified"):
+            if not isinstance(d.get("text_config"), dict):
                 raise ConfigError(f"{model_type} config has no text_config")
             text_d = dict(d["text_config"])
             text_d.setdefault("model_type", model_type + "_text")
@@ -391,8 +420,8 @@ class ModelConfig:
         if model_type in SUPPORTED_TEXT_TYPES:
             return cls(text=TextConfig.from_dict(d), eos_token_ids=eos_ids, quantization=quant, raw=d)
         raise ConfigError(
-            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, and the "
-            "Gemma 3 text subset gemma3_text)"
+            f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, gemma4_unified, "
+            "gemma4_unified_text, and the Gemma 3 text subset gemma3_text)"
         )
 
 

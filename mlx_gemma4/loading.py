@@ -126,7 +126,7 @@ def to_our_name(hf_name: str, config: ModelConfig) -> str:
     """Map a Hugging Face tensor name (or one of ours) onto our parameter tree."""
     if hf_name.startswith("model."):
         rest = hf_name[len("model."):]
-        if config.raw.get("model_type") in ("gemma4_text", "gemma3_text"):
+        if config.raw.get("model_type") in ("gemma4_text", "gemma3_text", "gemma4_unified_text"):
             return "language_model." + rest  # Gemma4ForCausalLM: model.X is the decoder
         return rest
     return hf_name
@@ -172,7 +172,8 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
-TOWERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")  # parameter prefixes outside the decoder
+# parameter prefixes outside the decoder (vision_embedder: the 12B's encoder-free image front end)
+TOWERS = ("vision_tower", "audio_tower", "vision_embedder", "embed_vision", "embed_audio")
 
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
 # the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.

@@ -32,6 +32,8 @@ from .kernels.sliding_attention import MLX_BLOCK_Q, MLX_BLOCK_Q_GLOBAL
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
+# presets beyond the four verified configs (synth writes them): the 12B and the MTP drafter of each model
+FAMILY_PRESETS = ("12b",) + tuple(f"{v}-assistant" for v in VARIANTS + ("12b",))
 GROUP_SIZE = 64
 GiB = 1024**3
 
@@ -44,9 +46,15 @@ SAFETENSORS_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4, "I32": 4, "U
 
 
 def load_preset(variant: str) -> dict:
-    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    """The published config.json of a variant (e2b, e4b, 26b-a4b, 31b, 12b) or of its drafter (e2b-assistant, ...).
+
+    The 12B's and the drafters' files are reconstructions (no byte copy was available offline): their dimensions
+    come from transformers' Gemma4Unified* defaults, mlx-vlm's gemma4_unified defaults and published drafter
+    configs quoted in third-party code; the drafters' parameter counts match their model cards (78 M for E2B,
+    0.4-0.5 B for 26B/31B)."""
+    if variant not in VARIANTS + FAMILY_PRESETS:
+        raise ValueError(f"unknown Gemma 4 variant {variant!r}; expected one of "
+                         f"{', '.join(VARIANTS + FAMILY_PRESETS)}")
     return json.loads((PRESETS_DIR / f"{variant}.json").read_text())
 
 
@@ -292,7 +300,7 @@ class MemoryEstimate:
 
 def _text_weight_key(key: str) -> bool:
     """Text-decoder tensors in either layout (ours `language_model.*`, HF `model.language_model.*`/`model.*`)."""
-    towers = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+    towers = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
     return not any(t in key for t in towers)
 
 

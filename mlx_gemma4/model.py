@@ -73,10 +73,17 @@ class Gemma4(nn.Module):
         self.language_model = TextModel(config.text)
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        H = config.text.hidden_size
         placeholders = [t for t in (config.image_token_id, config.video_token_id, config.audio_token_id)
-                        if t is not None and config.model_type == "gemma4"]
+                        if t is not None and config.model_type in ("gemma4", "gemma4_unified")]
         self._placeholder_ids = mx.array(placeholders) if placeholders else None
+        if config.model_type == "gemma4_unified":
+            self._build_unified_front_ends(config)
+        else:
+            self._build_towers(config)
+
+    def _build_towers(self, config: ModelConfig) -> None:
+        """Vision / audio towers and their projections (E2B, E4B, 26B, 31B)."""
+        H = config.text.hidden_size
         if config.vision is not None:
             from .vision import VisionConfig, VisionTower
 
@@ -90,20 +97,39 @@ class Gemma4(nn.Module):
             self.audio_tower = AudioTower(ac)
             self.embed_audio = MultimodalEmbedder(ac.output_proj_dims, H, ac.rms_norm_eps)
 
+    def _build_unified_front_ends(self, config: ModelConfig) -> None:
+        """The 12B's encoder-free embedders (no towers): mlx_gemma4.unified."""
+        from .unified import UnifiedAudioConfig, UnifiedVisionConfig, VisionEmbedder
+
+        H = config.text.hidden_size
+        if config.vision is not None:
+            vc = UnifiedVisionConfig.from_dict(config.vision)
+            self.vision_embedder = VisionEmbedder(vc)
+            self.embed_vision = MultimodalEmbedder(vc.output_proj_dims, H, vc.rms_norm_eps)
+        if config.audio is not None:
+            ac = UnifiedAudioConfig.from_dict(config.audio)
+            self.embed_audio = MultimodalEmbedder(ac.audio_embed_dim, H, ac.rms_norm_eps)
+
     # ---- multimodal inputs --------------------------------------------------------------------
     def image_features(self, pixel_values, position_ids) -> mx.array:
         """Soft-token embeddings (N, H) of a batch of processed images, in prompt order."""
-        if "vision_tower" not in self:
-            raise ValueError("this checkpoint has no vision tower: images are not supported")
-        return self.embed_vision(self.vision_tower(mx.array(pixel_values), mx.array(position_ids)))
+        if "vision_tower" in self:
+            return self.embed_vision(self.vision_tower(mx.array(pixel_values), mx.array(position_ids)))
+        if "vision_embedder" in self:  # encoder-free (gemma4_unified)
+            return self.embed_vision(self.vision_embedder(pixel_values, position_ids))
+        raise ValueError("this checkpoint has no vision tower: images are not supported")
 
     def audio_features(self, features, mask) -> mx.array:
         """Soft-token embeddings (N, H) of a batch of audio clips; padding frames dropped."""
-        if "audio_tower" not in self:
-            raise ValueError("this checkpoint has no audio tower: audio input is not supported")
-        from .audio import audio_soft_tokens
+        if "audio_tower" in self:
+            from .audio import audio_soft_tokens
 
-        return audio_soft_tokens(self.audio_tower, self.embed_audio, mx.array(features), mx.array(mask))
+            return audio_soft_tokens(self.audio_tower, self.embed_audio, mx.array(features), mx.array(mask))
+        if "embed_audio" in self:  # encoder-free (gemma4_unified): raw waveform frames
+            from .unified import audio_soft_tokens
+
+            return audio_soft_tokens(self.embed_audio, features, mask)
+        raise ValueError("this checkpoint has no audio tower: audio input is not supported")
 
     def prepare_inputs(self, input_ids, pixel_values=None, image_position_ids=None, input_features=None,
                        input_features_mask=None, pixel_values_videos=None, video_position_ids=None,

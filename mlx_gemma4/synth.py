@@ -16,7 +16,12 @@ Gemma4ForConditionalGeneration layout (`model.language_model.*`, bf16) for peers
 --layers N keeps the first N entries of the layer pattern (the last one always full attention, as
 transformers requires) and scales the KV-shared tail proportionally, keeping at least one cache-owning
 layer of each attention kind before it. Vision/audio towers are left out (and nulled in config.json)
-unless --towers is given; their tensor list then comes from transformers (a test dependency).
+unless --towers is given; their tensor list then comes from transformers (a test dependency), or, for the
+12B (`--variant 12b`, gemma4_unified), from its encoder-free embedders' shapes.
+
+`--variant e2b-assistant` (e4b-, 26b-a4b-, 31b-, 12b-assistant) writes the MTP drafter of a variant (its
+names are the same in both formats; the centroid head's token_ordering is a random permutation, int64), for
+`load_drafter` and `benchmarks/bench.py --draft-model`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from .memory import (
 
 POOL_SIZE = (1 << 22) + 3  # random values reused at random offsets (not a multiple of any row length)
 CHUNK_ELEMENTS = 1 << 24  # elements generated/quantized at once (32 MB of bf16)
-TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+TOWER_PREFIXES = ("vision_tower.", "vision_embedder.", "embed_vision.", "audio_tower.", "embed_audio.")
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,6 +58,8 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     config = copy.deepcopy(config)
     text = text_config_of(config)
     n_orig = text["num_hidden_layers"]
+    if layers is not None and config.get("model_type") in DRAFTER_TYPES:
+        raise ValueError("--layers does not apply to drafters (every layer reads the target's KV)")
     if layers is not None:
         if not 1 <= layers <= n_orig:
             raise ValueError(f"--layers must be between 1 and {n_orig} for this variant, got {layers}")
@@ -66,6 +74,9 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     if vocab is not None:
         if vocab < 8:
             raise ValueError(f"--vocab must be at least 8, got {vocab}")
+        centroids = config.get("num_centroids") if config.get("use_ordered_embeddings") else None
+        if centroids and vocab % centroids:
+            raise ValueError(f"--vocab must be a multiple of the drafter's {centroids} centroids, got {vocab}")
         text["vocab_size"] = vocab
         if "vocab_size_per_layer_input" in text:
             text["vocab_size_per_layer_input"] = vocab
@@ -77,7 +88,7 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
 
 
 def _tensor_nbytes(shape, dtype: str) -> int:
-    return math.prod(shape) * {"BF16": 2, "F32": 4, "U32": 4}[dtype]
+    return math.prod(shape) * {"BF16": 2, "F32": 4, "U32": 4, "I64": 8}[dtype]
 
 
 class ShardedWriter:
@@ -210,7 +221,9 @@ def _row_slices(shape: tuple[int, ...]):
 
 def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of the vision/audio towers and their projectors, read off transformers' model on the meta
-    device (nothing allocated). Needs transformers (the `test` extra)."""
+    device (nothing allocated). Needs transformers (the `test` extra); the 12B's embedders need nothing."""
+    if config.get("model_type") == "gemma4_unified":
+        return unified_embedder_specs(config)
     try:
         import torch
         from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -226,6 +239,41 @@ def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
+def unified_embedder_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the 12B's image and audio front ends (mlx_gemma4.unified), as its checkpoint names them."""
+    H = text_config_of(config)["hidden_size"]
+    specs = []
+    vision, audio = config.get("vision_config"), config.get("audio_config")
+    if vision:
+        patch = 3 * (vision.get("patch_size", 16) * vision.get("pooling_kernel_size", 3)) ** 2
+        E = vision.get("mm_embed_dim", 3840)
+        specs += [("vision_embedder.patch_ln1.weight", (patch,)), ("vision_embedder.patch_ln1.bias", (patch,)),
+                  ("vision_embedder.patch_dense.weight", (E, patch)), ("vision_embedder.patch_dense.bias", (E,)),
+                  ("vision_embedder.patch_ln2.weight", (E,)), ("vision_embedder.patch_ln2.bias", (E,)),
+                  ("vision_embedder.pos_embedding", (vision.get("mm_posemb_size", 1120), 2, E)),
+                  ("vision_embedder.pos_norm.weight", (E,)), ("vision_embedder.pos_norm.bias", (E,)),
+                  ("embed_vision.embedding_projection.weight", (H, vision.get("output_proj_dims", E)))]
+    if audio:
+        specs.append(("embed_audio.embedding_projection.weight", (H, audio.get("audio_embed_dim", 640))))
+    return specs
+
+
+def drafter_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of an MTP drafter (mlx_gemma4.drafter; the same names as its Hugging Face checkpoint)."""
+    text = dict(text_config_of(config))
+    text["num_kv_shared_layers"] = text["num_hidden_layers"]  # Q-only layers: no k/v projections
+    H, V = text["hidden_size"], text["vocab_size"]
+    Hb = config["backbone_hidden_size"]
+    specs = [("model." + name.removeprefix("language_model."), shape) for name, shape in text_param_specs(text)]
+    specs += [("pre_projection.weight", (H, 2 * Hb)), ("post_projection.weight", (Hb, H))]
+    if not config.get("tie_word_embeddings", True):
+        specs.append(("lm_head.weight", (V, H)))
+    if config.get("use_ordered_embeddings"):
+        specs += [("masked_embedding.centroids.weight", (config.get("num_centroids", 2048), H)),
+                  ("masked_embedding.token_ordering", (V,))]
+    return specs
+
+
 def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
     """Safetensors entries (key, shape, dtype) for source tensors (name, shape), quantized where applicable."""
     entries, plan = [], []
@@ -235,7 +283,7 @@ def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
             entries += q
             plan.append((name, shape, [k for k, _, _ in q]))
         else:
-            entries.append((name, shape, "BF16"))
+            entries.append((name, shape, "I64" if name.endswith("token_ordering") else "BF16"))
             plan.append((name, shape, None))
     return entries, plan
 
@@ -253,14 +301,18 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
-    specs = text_param_specs(text_config_of(config))
-    if towers:
-        specs += tower_param_specs(config)
+    drafter = config.get("model_type") in DRAFTER_TYPES
+    if drafter:
+        specs = drafter_param_specs(config)
     else:
-        config["vision_config"] = None
-        config["audio_config"] = None
+        specs = text_param_specs(text_config_of(config))
+        if towers:
+            specs += tower_param_specs(config)
+        else:
+            config["vision_config"] = None
+            config["audio_config"] = None
     entries, plan = checkpoint_entries(specs, bits, group_size)
-    prefix = "model." if fmt == "hf" else ""
+    prefix = "model." if fmt == "hf" and not drafter else ""
     entries = [(prefix + key, shape, dtype) for key, shape, dtype in entries]
     writer = ShardedWriter(out, entries, shard_bytes, metadata={"format": "mlx" if fmt == "mlx" else "pt"})
 
@@ -270,6 +322,9 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     for name, shape, qkeys in plan:
         for rows, row in _row_slices(shape):
             n = rows * row
+            if name.endswith("token_ordering"):  # the centroid head's vocabulary order: a permutation
+                writer.write(prefix + name, values.rng.permutation(n).astype(np.int64).tobytes())
+                continue
             if qkeys is None:
                 writer.write(prefix + name, values.float_bits(name, n).tobytes())
                 continue

@@ -99,3 +99,13 @@ def vision_chat_checkpoint(multimodal_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("chat-e2b-vision")
     shutil.copytree(multimodal_checkpoint("e2b"), out, dirs_exist_ok=True)
     return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)
+
+
+@pytest.fixture(scope="session")
+def unified_chat_checkpoint(tmp_path_factory):
+    """A tiny Gemma 4 12B-like checkpoint (checkpoints.family.make_unified_checkpoint: text + encoder-free image
+    and audio front ends) plus the 512-id tokenizer with MM_TOKEN_IDS."""
+    from checkpoints import family
+
+    out = family.make_unified_checkpoint(tmp_path_factory.mktemp("chat-12b-unified"))
+    return checkpoints.make_tokenizer(out, checkpoints.VOCAB, multimodal_ids=checkpoints.MM_TOKEN_IDS)

@@ -66,6 +66,7 @@ class Processor:
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
     processor_config: dict = field(default_factory=dict)  # processor_config.json, if any
+    model_type: str = "gemma4"  # gemma4_unified (12B) takes merged image patches and raw waveform frames
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config=None) -> "Processor | None":
@@ -77,7 +78,8 @@ class Processor:
         proc_file = directory / "processor_config.json"
         return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=json.loads(proc_file.read_text()) if proc_file.is_file() else {})
+                   processor_config=json.loads(proc_file.read_text()) if proc_file.is_file() else {},
+                   model_type=getattr(config, "model_type", None) or "gemma4")
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
@@ -131,21 +133,37 @@ class Processor:
         text = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
         media: dict = {}
         if images:
-            from .image import ImageProcessor
-
-            features = ImageProcessor.from_dict(self.processor_config.get("image_processor", {}))(
-                images, max_soft_tokens)
+            features = self.image_processor()(images, max_soft_tokens)
             text = self._expand(text, "image", features.num_soft_tokens)
             media.update(pixel_values=features.pixel_values, image_position_ids=features.position_ids)
         if audio:
-            from .audio import AudioFeatureExtractor, prepare_waveform
+            from .audio import prepare_waveform
 
-            config = self.processor_config.get("feature_extractor")
-            extractor = AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
-            features = extractor([prepare_waveform(c) for c in audio])
+            features = self.audio_feature_extractor()([prepare_waveform(c) for c in audio])
             text = self._expand(text, "audio", list(features.num_soft_tokens))
             media.update(input_features=features.features, input_features_mask=features.mask)
         return self.tokenizer.encode(text, add_bos=True), media
+
+    def image_processor(self):
+        """The checkpoint's image processor (processor_config.json's settings, else the published defaults)."""
+        config = self.processor_config.get("image_processor", {})
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedImageProcessor
+
+            return UnifiedImageProcessor.from_dict(config)
+        from .image import ImageProcessor
+
+        return ImageProcessor.from_dict(config)
+
+    def audio_feature_extractor(self):
+        config = self.processor_config.get("feature_extractor")
+        if self.model_type == "gemma4_unified":
+            from .unified import UnifiedAudioFeatureExtractor
+
+            return UnifiedAudioFeatureExtractor.from_dict(config or {})
+        from .audio import AudioFeatureExtractor
+
+        return AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
 
     def _expand(self, text: str, kind: str, counts: list[int]) -> str:
         names = (kind, f"{kind}_start", f"{kind}_end")
