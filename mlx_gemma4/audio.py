@@ -34,6 +34,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import MAX_HEADS, MAX_HIDDEN_SIZE, MAX_LAYERS, check_float, check_int
+from .errors import ConfigError
 from .multimodal import ClippableLinear, MultimodalEmbedder
 from .norm import RMSNorm
 
@@ -81,32 +83,46 @@ class AudioConfig:
         d = dict(d)
         model_type = d.get("model_type", "gemma4_audio")
         if model_type != "gemma4_audio":
-            raise ValueError(f"audio_config.model_type {model_type!r} is not supported (expected 'gemma4_audio')")
+            raise ConfigError(f"audio_config.model_type {model_type!r} is not supported (expected 'gemma4_audio')")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known - _IGNORED_KEYS
         if unknown:
-            raise ValueError(f"audio_config has unsupported settings: {sorted(unknown)}")
+            raise ConfigError(f"audio_config has unsupported settings: {sorted(unknown)}")
         cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if not isinstance(cfg.subsampling_conv_channels, (list, tuple)):
+            raise ConfigError("audio_config.subsampling_conv_channels must be a list of 2 channel counts")
         cfg.subsampling_conv_channels = list(cfg.subsampling_conv_channels)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        def bad(msg: str):
-            raise ValueError(f"audio_config: {msg}")
-
+        """Every field range-checked (ConfigError naming the field and its allowed range)."""
+        name = "audio_config."
         if self.hidden_act not in _ACTIVATIONS:
-            bad(f"hidden_act {self.hidden_act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
-        if len(self.subsampling_conv_channels) != 2:
-            bad(f"subsampling_conv_channels must have 2 entries; got {self.subsampling_conv_channels}")
+            raise ConfigError(f"{name}hidden_act {self.hidden_act!r} is not supported (supported: "
+                              f"{sorted(_ACTIVATIONS)})")
+        for key, lo, hi in (("hidden_size", 2, MAX_HIDDEN_SIZE), ("num_hidden_layers", 0, MAX_LAYERS),
+                            ("num_attention_heads", 1, MAX_HEADS), ("conv_kernel_size", 1, 1024),
+                            ("attention_chunk_size", 1, 4096), ("attention_context_left", 1, 4096),
+                            ("attention_context_right", 0, 4096), ("output_proj_dims", 1, MAX_HIDDEN_SIZE)):
+            setattr(self, key, check_int(name + key, getattr(self, key), lo, hi))
+        for key, lo in (("attention_logit_cap", 0.0), ("rms_norm_eps", 0.0), ("gradient_clipping", 0.0)):
+            setattr(self, key, check_float(name + key, getattr(self, key), lo, 1.0 if key == "rms_norm_eps" else None,
+                                           lo_open=True))
+        for key in ("residual_weight", "attention_invalid_logits_value"):
+            setattr(self, key, check_float(name + key, getattr(self, key)))
+        if not isinstance(self.use_clipped_linears, bool):
+            raise ConfigError(f"config field {name}use_clipped_linears must be true or false")
+        channels = self.subsampling_conv_channels
+        if len(channels) != 2:
+            raise ConfigError(f"{name}subsampling_conv_channels must have 2 entries; got {channels}")
+        self.subsampling_conv_channels = [check_int(f"{name}subsampling_conv_channels[{i}]", c, 1, MAX_HIDDEN_SIZE)
+                                          for i, c in enumerate(channels)]
         if self.hidden_size % self.num_attention_heads:
-            bad(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(f"{name}hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
         if self.hidden_size % 2:
-            bad(f"hidden_size {self.hidden_size} must be even (sinusoidal relative positions)")
-        if self.attention_chunk_size < 1 or self.attention_context_left < 1 or self.attention_context_right < 0:
-            bad("attention_chunk_size and attention_context_left must be >= 1, attention_context_right >= 0")
-        if self.conv_kernel_size < 1 or self.num_hidden_layers < 0 or self.attention_logit_cap <= 0:
-            bad("conv_kernel_size >= 1, num_hidden_layers >= 0 and attention_logit_cap > 0 are required")
+            raise ConfigError(f"{name}hidden_size {self.hidden_size} must be even (sinusoidal relative positions)")
 
     @property
     def head_dim(self) -> int:

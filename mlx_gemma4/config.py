@@ -10,10 +10,12 @@ Anything the decoder does not implement is an error naming the field, never a si
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError, read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -22,6 +24,18 @@ SUPPORTED_TEXT_TYPES = ("gemma4_text", "gemma3_text", "gemma4_unified_text")
 DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "proportional", "linear")
+
+# Largest values accepted, far above every published Gemma (E2B..31B: 35-60 layers, hidden size <= 5376, 262144
+# tokens, 128 experts, head dims <= 512) and far below what would exhaust memory before the weights are checked.
+MAX_LAYERS = 1024
+MAX_HIDDEN_SIZE = 1 << 16
+MAX_INTERMEDIATE_SIZE = 1 << 20
+MAX_VOCAB_SIZE = 1 << 24
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_EXPERTS = 4096
+MAX_POSITIONS = 2**31 - 1
+MAX_CONFIG_BYTES = 16 << 20
 
 # Keys that carry no meaning for inference (training, serialization, bookkeeping).
 _IGNORED_KEYS = {
@@ -37,11 +51,69 @@ _IGNORED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
-    """A checkpoint config this package cannot run faithfully."""
+_MISSING = object()
+
+
+def _out_of_range(name: str, value, lo, hi, lo_open: bool, hi_open: bool) -> ConfigError:
+    low = f"{lo} {'<' if lo_open else '<='} " if lo is not None else ""
+    high = f" {'<' if hi_open else '<='} {hi}" if hi is not None else ""
+    return ConfigError(f"config field {name} = {value!r} is out of range (allowed: {low}{name}{high})")
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """value as an int in [lo, hi]; a ConfigError naming the field and the range otherwise (booleans, fractions,
+    strings and NaN are not integers)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config field {name} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _out_of_range(name, value, lo, hi, False, False)
+    return value
+
+
+def check_float(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False) -> float:
+    """value as a finite float in the range ((lo, or [lo, ...; hi likewise); ConfigError naming field and range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config field {name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"config field {name} must be finite, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _out_of_range(name, value, lo, hi, lo_open, hi_open)
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise _out_of_range(name, value, lo, hi, lo_open, hi_open)
+    return value
+
+
+def _int(d: dict, key: str, lo: int | None = None, hi: int | None = None, default=_MISSING, *,
+         where: str = "") -> int:
+    """d[key] range-checked (check_int); `default` when absent or null (missing and no default: ConfigError)."""
+    if d.get(key) is None:
+        if default is _MISSING:
+            raise ConfigError(f"config field {where}{key} is missing")
+        return default
+    return check_int(where + key, d[key], lo, hi)
+
+
+def _float(d: dict, key: str, lo: float | None = None, hi: float | None = None, default=_MISSING, *,
+           where: str = "", lo_open: bool = False, hi_open: bool = False) -> float:
+    if d.get(key) is None:
+        if default is _MISSING:
+            raise ConfigError(f"config field {where}{key} is missing")
+        return default
+    return check_float(where + key, d[key], lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def _dict(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config field {name} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _rope_entry(d: dict, where: str) -> dict:
+    d = _dict(d, where)
     rope_type = d.get("rope_type", d.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
@@ -50,13 +122,17 @@ def _rope_entry(d: dict, where: str) -> dict:
         raise ConfigError(f"{where}: unsupported RoPE parameters {sorted(unknown)}")
     if "rope_theta" not in d:
         raise ConfigError(f"{where}: rope_theta is missing")
-    factor = float(d.get("factor", 1.0))
+    factor = _float(d, "factor", 0.0, None, 1.0, where=where + ".", lo_open=True)
     if rope_type == "default" and factor != 1.0:
         raise ConfigError(f"{where}: a 'factor' needs rope_type 'linear' or 'proportional'")
+    partial = _float(d, "partial_rotary_factor", 0.0, 1.0, 1.0, where=where + ".", lo_open=True)
+    if rope_type != "proportional" and partial != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor={partial} needs rope_type 'proportional' (only "
+                          "proportional RoPE rotates part of the head here)")
     return {
         "rope_type": rope_type,
-        "rope_theta": float(d["rope_theta"]),
-        "partial_rotary_factor": float(d.get("partial_rotary_factor", 1.0)),
+        "rope_theta": _float(d, "rope_theta", 0.0, None, where=where + ".", lo_open=True),
+        "partial_rotary_factor": partial,
         "factor": factor,
     }
 
@@ -135,24 +211,16 @@ class TextConfig:
         return not (self.attention_k_eq_v and self.layer_types[layer] == FULL)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TextConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "TextConfig":
+        """Parse and range-check a text config; `where` prefixes field names in errors ("text_config.")."""
         model_type = d.get("model_type", "gemma4_text")
         if model_type not in SUPPORTED_TEXT_TYPES:
             raise ConfigError(
                 f"text model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_TEXT_TYPES)})"
             )
         if model_type == "gemma3_text":
-            return _parse_gemma3(dict(d))
-        return _parse_gemma4(dict(d), unified=model_type == "gemma4_unified_text")
-
-
-def _require(d: dict, key: str, kind=int):
-    if d.get(key) is None:
-        raise ConfigError(f"config field {key!r} is missing")
-    try:
-        return kind(d[key])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config field {key!r} has an invalid value {d[key]!r}") from e
+            return _parse_gemma3(dict(d), where)
+        return _parse_gemma4(dict(d), where, unified=model_type == "gemma4_unified_text")
 
 
 def _check_activation(d: dict) -> None:
@@ -168,18 +236,30 @@ def _check_unknown(d: dict, known: set[str]) -> None:
         raise ConfigError(f"unsupported config fields: {bad}")
 
 
-def _shared_fields(d: dict) -> dict:
-    """TextConfig fields that Gemma 4 and Gemma 3 configs spell and mean the same way."""
+def _bool(d: dict, key: str, default: bool, where: str) -> bool:
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool) and value not in (0, 1):
+        raise ConfigError(f"config field {where}{key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _shared_fields(d: dict, where: str) -> dict:
+    """TextConfig fields that Gemma 4 and Gemma 3 configs spell and mean the same way, range-checked."""
+    vocab = _int(d, "vocab_size", 1, MAX_VOCAB_SIZE, where=where)
+    softcap = d.get("final_logit_softcapping")
     return dict(
-        vocab_size=_require(d, "vocab_size"),
-        hidden_size=_require(d, "hidden_size"),
-        intermediate_size=_require(d, "intermediate_size"),
-        sliding_window=_require(d, "sliding_window"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        final_logit_softcapping=d.get("final_logit_softcapping"),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        attention_bias=bool(d.get("attention_bias", False)),
-        pad_token_id=int(d.get("pad_token_id") or 0),
+        vocab_size=vocab,
+        hidden_size=_int(d, "hidden_size", 1, MAX_HIDDEN_SIZE, where=where),
+        intermediate_size=_int(d, "intermediate_size", 1, MAX_INTERMEDIATE_SIZE, where=where),
+        sliding_window=_int(d, "sliding_window", 1, MAX_POSITIONS, where=where),
+        rms_norm_eps=_float(d, "rms_norm_eps", 0.0, 1.0, 1e-6, where=where, lo_open=True),
+        final_logit_softcapping=None if not softcap else _float(d, "final_logit_softcapping", 0.0, None,
+                                                                where=where, lo_open=True),
+        tie_word_embeddings=_bool(d, "tie_word_embeddings", True, where),
+        attention_bias=_bool(d, "attention_bias", False, where),
+        pad_token_id=_int(d, "pad_token_id", 0, vocab - 1, 0, where=where),
     )
 
 
@@ -193,12 +273,33 @@ _GEMMA4_KEYS = {
 }
 
 
+def _layer_types(d: dict, n_layers: int, default_pattern: int, where: str) -> list[str]:
+    layer_types = d.get("layer_types")
+    if not layer_types:
+        return [FULL if (i + 1) % default_pattern == 0 else SLIDING for i in range(n_layers)]
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"config field {where}layer_types must be a list, got {type(layer_types).__name__}")
+    if len(layer_types) != n_layers:
+        raise ConfigError(f"{where}layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
+    for t in layer_types:
+        if t not in (SLIDING, FULL):
+            raise ConfigError(f"{where}layer_types: layer type {t!r} is not supported ({SLIDING!r} or {FULL!r})")
+    return list(layer_types)
+
+
+def _head_dim(d: dict, key: str, default, where: str) -> int:
+    value = _int(d, key, 2, MAX_HEAD_DIM, default, where=where)
+    if value % 2:
+        raise ConfigError(f"config field {where}{key} = {value} must be even (RoPE rotates pairs)")
+    return value
+
+
 # The 12B's decoder (gemma4_unified_text) is Gemma 4's without per-layer embeddings and MoE.
 _NOT_IN_UNIFIED = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
                    "top_k_experts", "moe_intermediate_size")
 
 
-def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
+def _parse_gemma4(d: dict, where: str = "", unified: bool = False) -> TextConfig:
     _check_unknown(d, _GEMMA4_KEYS)
     if unified:
         bad = {k: d[k] for k in _NOT_IN_UNIFIED if d.get(k) not in (None, False, 0)}
@@ -208,24 +309,22 @@ def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
         d.setdefault("use_bidirectional_attention", "vision")
         d.setdefault("max_position_embeddings", 262144)
     _check_activation(d)
-    n_layers = _require(d, "num_hidden_layers")
-    layer_types = list(d.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)])
-    if len(layer_types) != n_layers:
-        raise ConfigError(f"layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
-    for t in set(layer_types) - {SLIDING, FULL}:
-        raise ConfigError(f"layer type {t!r} is not supported")
+    n_layers = _int(d, "num_hidden_layers", 1, MAX_LAYERS, where=where)
+    layer_types = _layer_types(d, n_layers, 6, where)
     if layer_types[-1] != FULL:
         # transformers forces the last layer to full attention (with a warning); do the same, loudly documented.
         layer_types[-1] = FULL
 
-    head_dim = _require(d, "head_dim")
-    kv_heads = _require(d, "num_key_value_heads")
-    k_eq_v = bool(d.get("attention_k_eq_v", False))
+    head_dim = _head_dim(d, "head_dim", _MISSING, where)
+    n_heads = _int(d, "num_attention_heads", 1, MAX_HEADS, where=where)
+    kv_heads = _int(d, "num_key_value_heads", 1, n_heads, where=where)
+    k_eq_v = _bool(d, "attention_k_eq_v", False, where)
     head_dims = [head_dim] * n_layers
     kv = [kv_heads] * n_layers
     if d.get("per_layer_config"):
         # As in transformers, a per_layer_config table takes precedence over global_head_dim & co.
-        for key, overrides in d["per_layer_config"].items():
+        for key, overrides in _dict(d["per_layer_config"], where + "per_layer_config").items():
+            overrides = _dict(overrides, f"{where}per_layer_config[{key}]")
             if str(key).isdigit():
                 targets = [int(key)]
             elif key in (SLIDING, FULL):
@@ -238,19 +337,19 @@ def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
             for i in targets:
                 if not 0 <= i < n_layers:
                     raise ConfigError(f"per_layer_config names layer {i}, but the model has {n_layers} layers")
-                head_dims[i] = int(overrides.get("head_dim", head_dims[i]))
-                kv[i] = int(overrides.get("num_key_value_heads", kv[i]))
+                name = f"{where}per_layer_config[{key}]."
+                head_dims[i] = _head_dim(overrides, "head_dim", head_dims[i], name)
+                kv[i] = _int(overrides, "num_key_value_heads", 1, n_heads, kv[i], where=name)
     else:
         # Google's spelling; same resolution as transformers' Gemma4TextConfig.__post_init__.
-        global_head_dim = int(d.get("global_head_dim") or 512)
-        global_kv = d.get("num_global_key_value_heads")
+        global_head_dim = _head_dim(d, "global_head_dim", 512, where) if d.get("global_head_dim") else 512
+        global_kv = _int(d, "num_global_key_value_heads", 1, n_heads, None, where=where)
         for i, t in enumerate(layer_types):
             if t == FULL:
                 head_dims[i] = global_head_dim
                 if global_kv is not None and k_eq_v:
-                    kv[i] = int(global_kv)
+                    kv[i] = global_kv
 
-    n_heads = _require(d, "num_attention_heads")
     for i in range(n_layers):
         if n_heads % kv[i]:
             raise ConfigError(f"layer {i}: {n_heads} query heads are not a multiple of {kv[i]} KV heads")
@@ -259,26 +358,31 @@ def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
     if bidir not in (None, "vision"):
         raise ConfigError(f"use_bidirectional_attention={bidir!r} is not supported (only null or 'vision')")
 
-    rope_params = d.get("rope_parameters") or {
+    rope_params = _dict(d.get("rope_parameters") or {
         SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
         FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-    }
-    rope = {t: _rope_entry(rope_params.get(t) or {}, f"rope_parameters[{t}]") for t in set(layer_types)}
+    }, where + "rope_parameters")
+    rope = {t: _rope_entry(rope_params.get(t) or {}, f"{where}rope_parameters[{t}]") for t in set(layer_types)}
 
-    moe = bool(d.get("enable_moe_block", False))
+    moe = _bool(d, "enable_moe_block", False, where)
+    num_experts = top_k = moe_width = 0
     if moe:
-        for key in ("num_experts", "top_k_experts"):
-            _require(d, key)
-        if d.get("moe_intermediate_size") is None and d.get("expert_intermediate_size") is None:
-            raise ConfigError("enable_moe_block is set but moe_intermediate_size is missing")
-    ple = int(d.get("hidden_size_per_layer_input") or 0)
-    n_shared = int(d.get("num_kv_shared_layers") or 0)
-    if not 0 <= n_shared < n_layers:
-        raise ConfigError(f"num_kv_shared_layers={n_shared} must be in [0, {n_layers})")
+        num_experts = _int(d, "num_experts", 1, MAX_EXPERTS, where=where)
+        top_k = _int(d, "top_k_experts", 1, num_experts, where=where)
+        width_key = next((k for k in ("moe_intermediate_size", "expert_intermediate_size") if d.get(k) is not None),
+                         "moe_intermediate_size")
+        if d.get(width_key) is None:
+            raise ConfigError(f"{where}enable_moe_block is set but moe_intermediate_size is missing")
+        moe_width = _int(d, width_key, 1, MAX_INTERMEDIATE_SIZE, where=where)
+    ple = _int(d, "hidden_size_per_layer_input", 0, MAX_HIDDEN_SIZE, 0, where=where)
+    ple_vocab = _int(d, "vocab_size_per_layer_input", 1, MAX_VOCAB_SIZE, 0, where=where) if ple else 0
+    if ple and not ple_vocab:
+        raise ConfigError(f"{where}hidden_size_per_layer_input is set but vocab_size_per_layer_input is missing")
+    n_shared = _int(d, "num_kv_shared_layers", 0, n_layers - 1, 0, where=where)
 
     cfg = TextConfig(
         model_type="gemma4_unified_text" if unified else "gemma4_text",
-        **_shared_fields(d),
+        **_shared_fields(d, where),
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         layer_types=layer_types,
@@ -287,16 +391,16 @@ def _parse_gemma4(d: dict, unified: bool = False) -> TextConfig:
         rope=rope,
         attention_k_eq_v=k_eq_v,
         num_kv_shared_layers=n_shared,
-        use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
+        use_double_wide_mlp=_bool(d, "use_double_wide_mlp", False, where),
         hidden_size_per_layer_input=ple,
-        vocab_size_per_layer_input=int(d.get("vocab_size_per_layer_input") or 0) if ple else 0,
+        vocab_size_per_layer_input=ple_vocab,
         enable_moe_block=moe,
-        num_experts=int(d.get("num_experts") or 0) if moe else 0,
-        top_k_experts=int(d.get("top_k_experts") or 0) if moe else 0,
-        moe_intermediate_size=int(d.get("moe_intermediate_size") or d.get("expert_intermediate_size") or 0) if moe else 0,
+        num_experts=num_experts,
+        top_k_experts=top_k,
+        moe_intermediate_size=moe_width,
         use_bidirectional_attention=bidir,
         vision_blocks_on_all_layers=unified and bidir == "vision",
-        max_position_embeddings=int(d.get("max_position_embeddings") or 131072),
+        max_position_embeddings=_int(d, "max_position_embeddings", 1, MAX_POSITIONS, 131072, where=where),
     )
     for i in range(n_layers):
         cfg.kv_producer(i)  # validates KV sharing
@@ -312,47 +416,56 @@ _GEMMA3_KEYS = {
 }
 
 
-def _parse_gemma3(d: dict) -> TextConfig:
+def _parse_gemma3(d: dict, where: str = "") -> TextConfig:
     _check_unknown(d, _GEMMA3_KEYS)
     _check_activation(d)
     if d.get("use_bidirectional_attention"):
         raise ConfigError("gemma3_text with use_bidirectional_attention is not supported")
-    n_layers = _require(d, "num_hidden_layers")
-    layer_types = d.get("layer_types")
-    if not layer_types:
-        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
-        layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
-    layer_types = list(layer_types)
-    if len(layer_types) != n_layers:
-        raise ConfigError(f"layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
-    head_dim = _require(d, "head_dim")
-    kv = _require(d, "num_key_value_heads")
+    n_layers = _int(d, "num_hidden_layers", 1, MAX_LAYERS, where=where)
+    pattern_key = "sliding_window_pattern" if d.get("sliding_window_pattern") is not None else "_sliding_window_pattern"
+    pattern = _int(d, pattern_key, 1, MAX_LAYERS, 6, where=where)
+    layer_types = _layer_types(d, n_layers, pattern, where)
+    head_dim = _head_dim(d, "head_dim", _MISSING, where)
+    n_heads = _int(d, "num_attention_heads", 1, MAX_HEADS, where=where)
+    kv = _int(d, "num_key_value_heads", 1, n_heads, where=where)
+    if n_heads % kv:
+        raise ConfigError(f"{where}num_attention_heads={n_heads} is not a multiple of num_key_value_heads={kv}")
     if d.get("rope_parameters"):
-        rp = d["rope_parameters"]
-        rope = {t: _rope_entry(rp[t], f"rope_parameters[{t}]") for t in set(layer_types)}
+        rp = _dict(d["rope_parameters"], where + "rope_parameters")
+        rope = {t: _rope_entry(rp.get(t) or {}, f"{where}rope_parameters[{t}]") for t in set(layer_types)}
     else:
-        scaling = d.get("rope_scaling") or {}
+        scaling = _dict(d.get("rope_scaling") or {}, where + "rope_scaling")
         full = {"rope_type": scaling.get("rope_type", scaling.get("type", "default")),
                 "rope_theta": d.get("rope_theta", 1000000.0)}
         if "factor" in scaling:
             full["factor"] = scaling["factor"]
-        rope = {FULL: _rope_entry(full, "rope_scaling"),
-                SLIDING: _rope_entry({"rope_theta": d.get("rope_local_base_freq", 10000.0)}, "rope_local_base_freq")}
+        rope = {FULL: _rope_entry(full, where + "rope_scaling"),
+                SLIDING: _rope_entry({"rope_theta": d.get("rope_local_base_freq", 10000.0)},
+                                     where + "rope_local_base_freq")}
     return TextConfig(
         model_type="gemma3_text",
-        **_shared_fields(d),
+        **_shared_fields(d, where),
         num_hidden_layers=n_layers,
-        num_attention_heads=_require(d, "num_attention_heads"),
+        num_attention_heads=n_heads,
         layer_types=layer_types,
         layer_head_dims=[head_dim] * n_layers,
         layer_kv_heads=[kv] * n_layers,
         rope=rope,
-        max_position_embeddings=int(d.get("max_position_embeddings") or 32768),
+        max_position_embeddings=_int(d, "max_position_embeddings", 1, MAX_POSITIONS, 32768, where=where),
         norm_offset=1.0,
-        attention_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        attention_scale=_float(d, "query_pre_attn_scalar", 0.0, None, float(head_dim), where=where,
+                               lo_open=True) ** -0.5,
         use_value_norm=False,
         use_layer_scalar=False,
     )
+
+
+def _token_ids(d: dict, key: str, where: str = "") -> list[int]:
+    """A token id or list of them (eos_token_id). Ids past the vocabulary are allowed (shrunk synthetic configs
+    keep the published ids): such a token is never produced, so it does nothing."""
+    value = d.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [check_int(f"{where}{key}", v, 0, MAX_VOCAB_SIZE - 1) for v in values]
 
 
 @dataclass
@@ -385,40 +498,47 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError("config.json has no model_type; is this a Gemma 4 checkpoint?")
-        eos = d.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         quant = d.get("quantization")
+        if quant is not None:
+            _dict(quant, "quantization")
         if model_type in DRAFTER_TYPES:
             raise ConfigError(f"this is a {model_type} checkpoint: an MTP drafter, not a model of its own; load it "
                               "with load_drafter(path) (or --draft-model) next to its target model")
         if model_type in ("gemma4", "gemma3", "gemma4_unified"):
-            if not isinstance(d.get("text_config"), dict):
+            if "text_config" not in d:
                 raise ConfigError(f"{model_type} config has no text_config")
-            text_d = dict(d["text_config"])
+            text_d = dict(_dict(d["text_config"], "text_config"))
             text_d.setdefault("model_type", model_type + "_text")
             text_d.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
-            text = TextConfig.from_dict(text_d)
-            if not eos_ids:
-                te = text_d.get("eos_token_id")
-                eos_ids = [te] if isinstance(te, int) else list(te or [])
+            text = TextConfig.from_dict(text_d, "text_config.")
+            eos_ids = _token_ids(d, "eos_token_id") or _token_ids(text_d, "eos_token_id", "text_config.")
+            for key in ("vision_config", "audio_config"):
+                if d.get(key) is not None:
+                    _dict(d[key], key)
+
+            def token(*keys):
+                key = next((k for k in keys if d.get(k) is not None), keys[0])
+                return _int(d, key, 0, MAX_VOCAB_SIZE - 1, None)
+
             return cls(
                 text=text,
                 vision=d.get("vision_config"),
                 audio=d.get("audio_config"),
-                image_token_id=d.get("image_token_id", d.get("image_token_index")),
-                video_token_id=d.get("video_token_id"),
-                audio_token_id=d.get("audio_token_id"),
-                boi_token_id=d.get("boi_token_id"),
-                eoi_token_id=d.get("eoi_token_id"),
-                boa_token_id=d.get("boa_token_id"),
-                eoa_token_id=d.get("eoa_token_id", d.get("eoa_token_index")),
-                vision_soft_tokens_per_image=d.get("vision_soft_tokens_per_image"),
+                image_token_id=token("image_token_id", "image_token_index"),
+                video_token_id=token("video_token_id"),
+                audio_token_id=token("audio_token_id"),
+                boi_token_id=token("boi_token_id"),
+                eoi_token_id=token("eoi_token_id"),
+                boa_token_id=token("boa_token_id"),
+                eoa_token_id=token("eoa_token_id", "eoa_token_index"),
+                vision_soft_tokens_per_image=_int(d, "vision_soft_tokens_per_image", 1, 1 << 16, None),
                 eos_token_ids=eos_ids,
                 quantization=quant,
                 raw=d,
             )
         if model_type in SUPPORTED_TEXT_TYPES:
-            return cls(text=TextConfig.from_dict(d), eos_token_ids=eos_ids, quantization=quant, raw=d)
+            text = TextConfig.from_dict(d)
+            return cls(text=text, eos_token_ids=_token_ids(d, "eos_token_id"), quantization=quant, raw=d)
         raise ConfigError(
             f"model_type {model_type!r} is not a Gemma 4 checkpoint (supported: gemma4, gemma4_text, gemma4_unified, "
             "gemma4_unified_text, and the Gemma 3 text subset gemma3_text)"
@@ -431,8 +551,5 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    d = read_json(file, ConfigError, MAX_CONFIG_BYTES)
     return ModelConfig.from_dict(d)

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from . import backend
 from .config import ModelConfig, load_config
+from .errors import CheckpointError
 from .model import Gemma4
 from .compact import use_fast_products
 
@@ -32,10 +33,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"
 
 # Tensors in real checkpoints that no module reads (KV-shared layers keep k/v weights they never use).
 _KV_SHARED_UNUSED = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be loaded as it is; the message lists what is wrong."""
 
 
 # ---- locating the files -------------------------------------------------------------------------

@@ -51,11 +51,37 @@ def min_p_filter(logits: mx.array, min_p: float) -> mx.array:
     return mx.where(logits >= threshold, logits, _NEG_INF)
 
 
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False) -> float:
+    """A finite real number in the range (lo_open: lo excluded; hi_open: hi excluded), else ValueError naming the
+    argument and the range. NaN and infinities are refused: they would sample garbage."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    low = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+    high = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+    if (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+            or (hi is not None and (value >= hi if hi_open else value > hi))):
+        raise ValueError(f"{name} must be a finite number with {low}{name}{high}, got {value}")
+    return value
+
+
+def check_integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        low = "" if lo is None else f"{lo} <= "
+        high = "" if hi is None else f" <= {hi}"
+        raise ValueError(f"{name} must be an integer with {low}{name}{high}, got {value}")
+    return value
+
+
 def repetition_penalty_processor(penalty: float, context_size: int | None = 64) -> LogitsProcessor:
     """CTRL-style penalty on tokens already seen (the last `context_size`, None = all): positive logits are
     divided by `penalty`, negative ones multiplied (transformers' RepetitionPenaltyLogitsProcessor)."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    check_number("repetition_penalty", penalty, 0.0, None, lo_open=True)
+    if context_size is not None:
+        check_integer("repetition_context_size", context_size, 1)
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens is None or tokens.size == 0 or penalty == 1.0:
@@ -78,14 +104,13 @@ class SamplerSettings:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        """Every setting checked up front: finite numbers in range, an integer seed in [0, 2**64)."""
+        check_number("temperature", self.temperature, 0.0)
+        check_integer("top_k", self.top_k, 0)
+        check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_number("min_p", self.min_p, 0.0, 1.0, hi_open=True)
+        if self.seed is not None:
+            check_integer("seed", self.seed, 0, 2**64 - 1)
 
 
 class Sampler:
@@ -121,6 +146,8 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
 def make_logits_processors(repetition_penalty: float | None = None,
                            repetition_context_size: int | None = 64) -> list[LogitsProcessor]:
     processors: list[LogitsProcessor] = []
+    if repetition_penalty is not None:
+        check_number("repetition_penalty", repetition_penalty, 0.0, None, lo_open=True)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         processors.append(repetition_penalty_processor(repetition_penalty, repetition_context_size))
     return processors

@@ -49,6 +49,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import (MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS, check_float,
+                     check_int)
+from .errors import ConfigError
 from .multimodal import ClippableLinear, MultimodalEmbedder
 from .norm import RMSNorm
 
@@ -78,34 +81,45 @@ class VisionConfig:
         """Parse an HF `vision_config` dict; unknown bookkeeping keys are ignored, unsupported values raise."""
         model_type = d.get("model_type", "gemma4_vision")
         if model_type != "gemma4_vision":
-            raise ValueError(f"vision_config.model_type must be 'gemma4_vision', got {model_type!r}")
+            raise ConfigError(f"vision_config.model_type must be 'gemma4_vision', got {model_type!r}")
         if d.get("attention_bias"):
-            raise ValueError("vision_config.attention_bias=True is not supported (Gemma 4 has no attention biases)")
+            raise ConfigError("vision_config.attention_bias=True is not supported (Gemma 4 has no attention biases)")
         if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ValueError(f"Unsupported vision hidden_activation {d['hidden_activation']!r} "
+            raise ConfigError(f"Unsupported vision hidden_activation {d['hidden_activation']!r} "
                              "(only 'gelu_pytorch_tanh' is implemented)")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError("config field vision_config.rope_parameters must be a JSON object")
         # transformers reads rope_type "default" in a vision config as "axial"
         if rope.get("rope_type", "axial") not in ("axial", "default"):
-            raise ValueError(f"Unsupported vision rope_type {rope['rope_type']!r} (only axial 2-D RoPE)")
+            raise ConfigError(f"Unsupported vision rope_type {rope['rope_type']!r} (only axial 2-D RoPE)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if "rope_theta" in rope:
-            kwargs["rope_theta"] = float(rope["rope_theta"])
+            kwargs["rope_theta"] = rope["rope_theta"]
         config = cls(**kwargs)
         config.validate()
         return config
 
     def validate(self) -> None:
+        """Every field range-checked (ConfigError naming the field and its allowed range)."""
+        name = "vision_config."
+        for key, lo, hi in (("hidden_size", 1, MAX_HIDDEN_SIZE), ("intermediate_size", 1, MAX_INTERMEDIATE_SIZE),
+                            ("num_hidden_layers", 1, MAX_LAYERS), ("num_attention_heads", 1, MAX_HEADS),
+                            ("num_key_value_heads", 1, MAX_HEADS), ("head_dim", 4, MAX_HEAD_DIM),
+                            ("pooling_kernel_size", 1, 64), ("patch_size", 1, 1024),
+                            ("position_embedding_size", 1, 1 << 20), ("default_output_length", 1, 1 << 16)):
+            setattr(self, key, check_int(name + key, getattr(self, key), lo, hi))
+        self.rms_norm_eps = check_float(name + "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, lo_open=True)
+        self.rope_theta = check_float(name + "rope_theta", self.rope_theta, 0.0, None, lo_open=True)
+        for key in ("use_clipped_linears", "standardize"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config field {name}{key} must be true or false, got {getattr(self, key)!r}")
         if self.head_dim % 4:
-            raise ValueError(f"vision head_dim must be divisible by 4 for 2-D RoPE, got {self.head_dim}")
+            raise ConfigError(f"vision_config.head_dim must be divisible by 4 for 2-D RoPE, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"vision num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "pooling_kernel_size",
-                     "position_embedding_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"vision {name} must be positive, got {getattr(self, name)}")
+            raise ConfigError(f"vision_config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
 
 
 def axial_rope_angles(position_ids: mx.array, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:

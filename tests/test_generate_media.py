@@ -74,7 +74,7 @@ def test_audio_generation_equals_manual_prefill(audio_model):
 
 def test_audio_errors(audio_model, chat_checkpoint):
     model, processor = audio_model
-    with pytest.raises(ValueError, match="2 audio placeholders but 1 audio inputs"):
+    with pytest.raises(ValueError, match=r"2 audio placeholder item\(s\) but 1 audio input"):
         processor.prompt_inputs([{"role": "user", "content": [{"type": "audio"}, {"type": "audio"},
                                                                {"type": "text", "text": "hi"}]}], audio=[tone(0.2, 0)])
     with pytest.raises(ValueError, match="too short|at least"):

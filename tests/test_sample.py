@@ -109,5 +109,5 @@ def test_processors_compose_in_order():
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kwargs)
-    with pytest.raises(ValueError, match="repetition penalty"):
+    with pytest.raises(ValueError, match="repetition_penalty"):
         repetition_penalty_processor(0.0)

@@ -27,6 +27,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from ..errors import MediaError
+
 SAMPLING_RATE = 16_000
 AUDIO_SEQ_LENGTH = 750  # processor_config "audio_seq_length": most soft tokens per clip
 MAX_SAMPLES = 480_000  # feature extractor's max_length: 30 s at 16 kHz (-> exactly 750 soft tokens)
@@ -36,7 +38,7 @@ SUBSAMPLING_LAYERS = 2
 AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray]
 
 
-class AudioError(ValueError):
+class AudioError(MediaError):
     """An audio input that cannot be used (unreadable, empty, too short/long, wrong shape)."""
 
 
@@ -103,11 +105,14 @@ def decode_audio(source: AudioSource) -> tuple[np.ndarray, int]:
             rate = f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
+        reason = str(e)
+        if not isinstance(handle, io.BytesIO) and "does not exist" in reason:
+            reason = "not a recognized audio format"  # libsndfile's words for an existing file it cannot parse
         mp3_hint = ""
         if "MP3" not in sf.available_formats():
             mp3_hint = f" (this libsndfile {sf.__libsndfile_version__} cannot read MP3; libsndfile >= 1.1 can)"
         raise AudioError(
-            f"cannot decode {what}: {e}. Supported formats are those libsndfile reads "
+            f"cannot decode {what}: {reason}. Supported formats are those libsndfile reads "
             f"(WAV, FLAC, OGG, MP3, AIFF, ...){mp3_hint}"
         ) from e
     except RuntimeError as e:  # soundfile raises plain RuntimeError for some malformed streams

@@ -26,6 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import read_json
+
 BUILTIN_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "gemma4.jinja"
 
 
@@ -40,7 +42,7 @@ def load_chat_template(directory: str | Path | None) -> str:
             return jinja_file.read_text()
         config_file = directory / "tokenizer_config.json"
         if config_file.is_file():
-            template = json.loads(config_file.read_text()).get("chat_template")
+            template = read_json(config_file).get("chat_template")
             if isinstance(template, list):
                 named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default") or next(iter(named.values()), None)
@@ -98,7 +100,9 @@ def _normalize_messages(messages) -> list[dict]:
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
-            raise ValueError(f"message {i} must be a dict with a 'role' key, got {message!r}")
+            raise ValueError(f"message {i} must be a dict with a 'role' key, got {message!r:.200}")
+        if not isinstance(message["role"], str):
+            raise ValueError(f"message {i}: the role must be a string, got {message['role']!r:.80}")
         message = {k: v for k, v in message.items() if v is not None}
         reasoning = next((message[k] for k in _REASONING_KEYS if k in message), None)
         if reasoning is not None:
@@ -110,20 +114,40 @@ def _normalize_messages(messages) -> list[dict]:
 
 
 def render_chat(template: str, messages, *, tools=None, add_generation_prompt: bool = True,
-                enable_thinking: bool = False, special_tokens: dict[str, str] | None = None, **kwargs) -> str:
+                enable_thinking: bool = False, special_tokens: dict[str, str] | None = None,
+                mark: Callable[[Any], Any] | None = None, **kwargs) -> str:
     """Render `messages` with `template`. `special_tokens` (bos_token, eos_token, ...) and kwargs are template
-    variables, like transformers' apply_chat_template(..., tokenize=False, enable_thinking=...)."""
+    variables, like transformers' apply_chat_template(..., tokenize=False, enable_thinking=...). `mark`, if
+    given, is applied to the messages, the tool schemas and kwargs (everything a caller provides, not the
+    special tokens) before rendering: see processing.messages.mark_control_tokens."""
     import jinja2
 
     compiled = _compile(template)
+    messages = _normalize_messages(messages)
     tool_schemas = None if tools is None else [tool_schema(t) for t in tools]
+    if mark is not None:
+        messages, tool_schemas, kwargs = mark(messages), mark(tool_schemas), mark(kwargs)
     variables = {**(special_tokens or {}), **kwargs}
     try:
-        return compiled.render(messages=_normalize_messages(messages), tools=tool_schemas, documents=None,
+        return compiled.render(messages=messages, tools=tool_schemas, documents=None,
                                add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
                                **variables)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template failed: {e}") from e
+    except RecursionError as e:
+        raise ValueError("chat template failed: the messages are nested too deeply") from e
+
+
+@lru_cache(maxsize=8)
+def template_literal_text(template: str) -> str:
+    """The template's literal text and string constants, joined by NUL characters (so that a substring search
+    cannot match across two of them): the added tokens found in it are the control tokens the template writes."""
+    from jinja2 import nodes
+
+    ast = _compile(template).environment.parse(template)
+    literals = {n.data for n in ast.find_all(nodes.TemplateData)}
+    literals |= {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)}
+    return "\0".join(sorted(literals))
 
 
 # -- Python functions as tools --------------------------------------------------------------------------------

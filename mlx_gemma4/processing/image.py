@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import MediaError
+from .media import file_or_bytes
 
 SUPPORTED_SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280
@@ -42,7 +45,9 @@ BOI_TOKEN = "<|image>"
 IMAGE_TOKEN = "<|image|>"
 EOI_TOKEN = "<image|>"
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+# Largest image decoded (Pillow's own decompression-bomb threshold; a 12000 x 7400 photo is 89 M pixels).
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,21 +55,28 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 # --------------------------------------------------------------------------------------------------
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file with Pillow, fully decoded and turned upright by its EXIF orientation."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"Image path is not a file: {path}")
+def open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
+    """Open an image file (or the encoded bytes of one) with Pillow, fully decoded and turned upright by its
+    EXIF orientation. Images of more than MAX_IMAGE_PIXELS pixels are refused before they are decoded."""
+    what, handle = file_or_bytes(source, "image")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so truncated/corrupt data fails here, not later
-            return ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(handle) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise MediaError(f"Cannot read {what}: {width}x{height} pixels is more than the "
+                                     f"{MAX_IMAGE_PIXELS}-pixel limit (a decompression bomb?)")
+                image.load()  # decode now, so truncated/corrupt data fails here, not later
+                return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"Cannot read {what}: too many pixels ({e})") from e
     except UnidentifiedImageError as e:
-        raise ValueError(f"Cannot read image {path}: not a recognized image format ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read image {path}: the file is corrupt or truncated ({e})") from e
+        raise MediaError(f"Cannot read {what}: not a recognized image format ({e})") from e
+    except MediaError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise MediaError(f"Cannot read {what}: the file is corrupt or truncated ({e})") from e
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
@@ -81,12 +93,12 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
     3-D arrays are read as channels-last when the last axis has 1, 3 or 4 entries, else channels-first."""
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
+        raise MediaError(
             f"Image arrays must hold integers 0..255 (e.g. uint8), got dtype {array.dtype}; "
             "convert float images with (x * 255).round().astype(np.uint8)"
         )
     if array.size and (array.min() < 0 or array.max() > 255):
-        raise ValueError(f"Image array values must lie in 0..255, got [{array.min()}, {array.max()}]")
+        raise MediaError(f"Image array values must lie in 0..255, got [{array.min()}, {array.max()}]")
     array = array.astype(np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -94,7 +106,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
             array = np.moveaxis(array, 0, -1)
     else:
-        raise ValueError(f"Image arrays must be 2-D (H, W) or 3-D (H, W, C), got shape {array.shape}")
+        raise MediaError(f"Image arrays must be 2-D (H, W) or 3-D (H, W, C), got shape {array.shape}")
     channels = array.shape[-1]
     if channels == 1:
         return np.repeat(array, 3, axis=-1)
@@ -105,22 +117,24 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         alpha = array[..., 3:4] / 255
         blended = alpha * array[..., :3] + (1 - alpha) * 255
         return np.round(blended).astype(np.uint8)
-    raise ValueError(f"Image arrays must have 1, 3 or 4 channels, got shape {array.shape}")
+    raise MediaError(f"Image arrays must have 1, 3 or 4 channels, got shape {array.shape}")
 
 
 def load_image(image: ImageLike) -> np.ndarray:
-    """A path, PIL image or uint8 array -> (H, W, 3) uint8 RGB array (alpha composited onto white)."""
-    if isinstance(image, (str, os.PathLike)):
+    """A path, encoded bytes, PIL image or uint8 array -> (H, W, 3) uint8 RGB array (alpha composited onto
+    white)."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         image = open_image(image)
     if isinstance(image, Image.Image):
         rgb = _pil_to_rgb(image)
     elif isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image)
     else:
-        raise TypeError(f"Expected an image path, a PIL.Image.Image or a numpy array, got {type(image).__name__}")
+        raise TypeError(f"Expected an image path, image bytes, a PIL.Image.Image or a numpy array, got "
+                        f"{type(image).__name__}")
     height, width = rgb.shape[:2]
     if height == 0 or width == 0:
-        raise ValueError(
+        raise MediaError(
             f"Image has zero size ({height}x{width} pixels); transformers cannot process it either "
             "(ZeroDivisionError in its resize rule)"
         )
@@ -282,7 +296,7 @@ class ImageProcessor:
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], max_soft_tokens: int | None = None) -> ImageFeatures:
         budget = check_budget(self.max_soft_tokens if max_soft_tokens is None else max_soft_tokens)
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
             images = [images]
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"Expected an image path, a PIL.Image.Image, a numpy array or a list of them, "

@@ -1,22 +1,37 @@
-"""The processor `load()` returns: the text side (tokenizer, chat template, stop tokens) of a checkpoint.
+"""The processor `load()` returns: tokenizer, chat template, stop tokens and the media processors of a checkpoint.
 
 `Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
-(chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one) and the stop tokens
-(generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>).
-Images and audio clips (`prompt_inputs(..., images=[...], audio=[...])`) go into the user turn as
-`{"type": "image"}` / `{"type": "audio"}` items; each `<|image|>` / `<|audio|>` the template writes becomes
-`<|image>` + N x `<|image|>` + `<image|>` (N soft tokens of that input; transformers' Gemma4Processor
-replace_image_token / replace_audio_token), and the pixel patches / log-mel features come back as model inputs.
+(chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one), the stop tokens
+(generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>) and processor_config.json.
+
+`prompt_inputs(messages)` turns a conversation into (token ids, media arrays), as transformers'
+`Gemma4Processor.apply_chat_template(messages, tokenize=True, return_dict=True)` does: images, audio clips and
+videos inside the messages' content lists (processing.messages) are loaded (processing.media), the template
+writes one `<|image|>` / `<|audio|>` / `<|video|>` per item, and each becomes `<|image>` + N x `<|image|>` +
+`<image|>` (N soft tokens of that input; for a video, per frame `mm:ss <|image>` + N x `<|video|>` +
+`<image|>`), with the pixel patches / log-mel features returned for `model.prepare_inputs`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking
+import numpy as np
+
+from ..errors import CheckpointError, read_json
+from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking, template_literal_text
+from .messages import (MEDIA_KINDS, MediaItem, assign_keyword_media, control_token_pattern, mark_control_tokens,
+                       split_marked, split_media)
+from .media import resolve_source
 from .tokenizer import Tokenizer
+
+# Per media kind: the tokenizer's names of (placeholder, begin, end); video frames use the image begin/end.
+_PLACEHOLDER_NAMES = {"image": ("image", "image_start", "image_end"), "audio": ("audio", "audio_start", "audio_end"),
+                      "video": ("video", "image_start", "image_end")}
 
 
 def _ids(value) -> list[int]:
@@ -31,7 +46,12 @@ def read_stop_token_ids(directory: Path, tokenizer: Tokenizer, config=None) -> l
     ids: list[int] = []
     gen_file = directory / "generation_config.json"
     if gen_file.is_file():
-        ids = _ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+        try:
+            ids = _ids(read_json(gen_file).get("eos_token_id"))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{gen_file}: eos_token_id must be a token id or a list of them") from e
     if not ids:
         ids = list(getattr(config, "eos_token_ids", None) or [])
     for name in ("eos", "turn_end"):
@@ -46,18 +66,6 @@ def _as_list(media) -> list:
     if media is None:
         return []
     return list(media) if isinstance(media, (list, tuple)) else [media]
-
-
-def expand_placeholders(text: str, placeholder: str, begin: str, end: str, counts: list[int], kind: str) -> str:
-    """Replace the i-th `placeholder` in text by begin + counts[i] x placeholder + end."""
-    parts = text.split(placeholder)
-    if len(parts) - 1 != len(counts):
-        raise ValueError(f"the prompt has {len(parts) - 1} {kind} placeholders but {len(counts)} {kind} inputs "
-                         f"were given")
-    out = [parts[0]]
-    for n, part in zip(counts, parts[1:]):
-        out += [begin, placeholder * n, end, part]
-    return "".join(out)
 
 
 @dataclass
@@ -78,12 +86,15 @@ class Processor:
         proc_file = directory / "processor_config.json"
         return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=json.loads(proc_file.read_text()) if proc_file.is_file() else {},
+                   processor_config=read_json(proc_file) if proc_file.is_file() else {},
                    model_type=getattr(config, "model_type", None) or "gemma4")
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
                             enable_thinking: bool = False, **kwargs) -> str:
+        """The rendered prompt text (transformers' apply_chat_template(..., tokenize=False)); media items render as
+        their placeholders."""
+        messages, _ = split_media(self.messages_for(messages))
         return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
                            enable_thinking=enable_thinking, special_tokens=self.tokenizer.special_tokens_map,
                            **kwargs)
@@ -95,54 +106,134 @@ class Processor:
             if system:
                 messages.insert(0, {"role": "system", "content": system})
             return messages
+        if not isinstance(prompt_or_messages, (list, tuple)):
+            raise TypeError("a prompt must be a string or a list of {'role': ..., 'content': ...} messages, got "
+                            f"{type(prompt_or_messages).__name__}")
         if system:
             raise ValueError("pass the system prompt as the first message when giving a message list")
         return list(prompt_or_messages)
 
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tokens user text cannot write: the vocabulary's special added tokens, plus its other added tokens
+        that the chat template writes (whitespace excepted); the same set as transformers'
+        sanitize_control_tokens."""
+        literal = template_literal_text(self.chat_template)
+        return tuple(sorted(t for t, special in self.tokenizer.added_tokens().items()
+                            if special or (t in literal and not t.isspace())))
+
     def prompt_ids(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
-                   tools=None, use_chat_template: bool = True) -> list[int]:
-        """Token ids to prefill. With use_chat_template=False a string prompt is encoded raw (plus <bos>)."""
+                   tools=None, use_chat_template: bool = True, add_generation_prompt: bool = True,
+                   sanitize_control_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (see prompt_inputs; a prompt with media is an error here)."""
+        ids, media = self.prompt_inputs(prompt_or_messages, system=system, enable_thinking=enable_thinking,
+                                        tools=tools, use_chat_template=use_chat_template,
+                                        add_generation_prompt=add_generation_prompt,
+                                        sanitize_control_tokens=sanitize_control_tokens)
+        if media:
+            raise ValueError("the messages hold media: use prompt_inputs, which also returns their features")
+        return ids
+
+    def prompt_inputs(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
+                      tools=None, use_chat_template: bool = True, images=None, audio=None, videos=None,
+                      max_soft_tokens: int | None = None, add_generation_prompt: bool = True,
+                      sanitize_control_tokens: bool = True) -> tuple[list[int], dict]:
+        """(token ids, media arrays for model.prepare_inputs) of a prompt.
+
+        prompt_or_messages: a string (one user turn, after the optional system prompt) or a message list whose
+        contents may hold images, audio clips and videos in transformers' format (see processing.messages), in
+        any turn, interleaved with text. `images=` / `audio=` / `videos=` are the alternative: with a string
+        prompt they open the user turn (images, audio, videos, then the text); with a message list they fill its
+        bare {"type": "image"} / {"type": "audio"} / {"type": "video"} items in order. Media both in the
+        messages and in these arguments, or a media item without its media, is an error.
+        max_soft_tokens: image token budget (70, 140, 280, 560, 1120).
+
+        Control tokens in user-provided text stay text (sanitize_control_tokens=True; the ids then equal
+        transformers' apply_chat_template(..., sanitize_control_tokens=True), which equal plain rendering +
+        encoding whenever no control token is typed). sanitize_control_tokens=False turns them into tokens, for
+        callers that put markup in messages on purpose. use_chat_template=False takes a string that is already
+        a rendered prompt and encodes it as is, control tokens included (plus <bos>)."""
+        keyword_media = {"image": _as_list(images), "audio": _as_list(audio), "video": _as_list(videos)}
         if not use_chat_template:
             if not isinstance(prompt_or_messages, str):
                 raise ValueError("a message list needs the chat template")
-            return self.tokenizer.encode(prompt_or_messages, add_bos=True)
-        text = self.apply_chat_template(self.messages_for(prompt_or_messages, system), tools=tools,
-                                        enable_thinking=enable_thinking)
-        return self.tokenizer.encode(text, add_bos=True)
-
-    def prompt_inputs(self, prompt_or_messages, *, system: str | None = None, enable_thinking: bool = False,
-                      tools=None, use_chat_template: bool = True, images=None, audio=None,
-                      max_soft_tokens: int | None = None) -> tuple[list[int], dict]:
-        """(token ids, media inputs for model.prepare_inputs). A string prompt with media becomes one user turn
-        with the images, then the audio clips, then the text; a message list must hold one {"type": "image"} /
-        {"type": "audio"} item per input. max_soft_tokens: image token budget (70, 140, 280, 560, 1120)."""
-        images, audio = _as_list(images), _as_list(audio)
-        if not images and not audio:
-            ids = self.prompt_ids(prompt_or_messages, system=system, enable_thinking=enable_thinking, tools=tools,
-                                  use_chat_template=use_chat_template)
-            return ids, {}
-        if not use_chat_template:
-            raise ValueError("image/audio prompts need the chat template")
-        if isinstance(prompt_or_messages, str):
-            content = ([{"type": "image"} for _ in images] + [{"type": "audio"} for _ in audio]
-                       + [{"type": "text", "text": prompt_or_messages}])
+            if any(keyword_media.values()):
+                raise ValueError("image/audio/video prompts need the chat template")
+            return self.tokenizer.encode(prompt_or_messages, add_bos=True), {}
+        if isinstance(prompt_or_messages, str) and any(keyword_media.values()):
             messages = self.messages_for("", system)
-            messages[-1]["content"] = content
+            messages[-1]["content"] = [*({"type": kind} for kind in MEDIA_KINDS for _ in keyword_media[kind]),
+                                       {"type": "text", "text": prompt_or_messages}]
         else:
             messages = self.messages_for(prompt_or_messages, system)
-        text = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
+        messages, items = split_media(messages)
+        items = assign_keyword_media(items, keyword_media)
+        text = self.render_prompt(messages, tools=tools, enable_thinking=enable_thinking,
+                                  add_generation_prompt=add_generation_prompt,
+                                  sanitize_control_tokens=sanitize_control_tokens)
+        expansions, media = self.process_media(items, max_soft_tokens)
+        return self.encode_prompt_text(text, expansions, sanitize_control_tokens=sanitize_control_tokens), media
+
+    def render_prompt(self, messages, *, tools=None, enable_thinking: bool = False, add_generation_prompt: bool = True,
+                      sanitize_control_tokens: bool = True) -> str:
+        """The rendered prompt with the control tokens of user-provided strings marked (see processing.messages),
+        for encode_prompt_text. Media items render as their placeholders. A slice of it between two messages
+        (a chat session's new turn) encodes the same way."""
+        messages, _ = split_media(self.messages_for(messages))
+        mark = None
+        if sanitize_control_tokens:
+            mark = functools.partial(mark_control_tokens, pattern=control_token_pattern(self.control_tokens))
+        return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           enable_thinking=enable_thinking, special_tokens=self.tokenizer.special_tokens_map,
+                           mark=mark)
+
+    def encode_prompt_text(self, text: str, expansions: dict[str, list[str]] | None = None, *, add_bos: bool = True,
+                           sanitize_control_tokens: bool = True) -> list[int]:
+        """Token ids of render_prompt's text: marked control tokens as plain text, the template's own as tokens,
+        and the i-th media placeholder of each kind replaced by expansions[kind][i] (every placeholder the
+        template wrote needs one)."""
+        pieces = split_marked(text, self.control_tokens) if sanitize_control_tokens else [(text, False)]
+        pieces = self._expand_placeholders(pieces, expansions or {})
+        return self.tokenizer.encode_pieces(pieces, add_bos=add_bos)
+
+    # -- media ----------------------------------------------------------------------------------------------
+    def _placeholder_tokens(self, kind: str) -> tuple[str, str, str]:
+        """(placeholder, begin, end) token texts of a media kind in this vocabulary."""
+        tokens = tuple(self.tokenizer.token_text(n) for n in _PLACEHOLDER_NAMES[kind])
+        if any(t is None for t in tokens):
+            raise ValueError(f"this tokenizer has no {kind} tokens, so the model takes no {kind} input")
+        return tokens
+
+    def process_media(self, items: list[MediaItem], max_soft_tokens: int | None) -> tuple[dict, dict]:
+        """({kind: [placeholder expansion per input]}, media arrays for model.prepare_inputs) of media items
+        (processing.messages.split_media) that all carry their media."""
+        assign_keyword_media(items, {})  # a bare item is an error here
+        by_kind = {kind: [it for it in items if it.kind == kind] for kind in MEDIA_KINDS}
+        expansions: dict[str, list[str]] = {}
         media: dict = {}
-        if images:
-            features = self.image_processor()(images, max_soft_tokens)
-            text = self._expand(text, "image", features.num_soft_tokens)
+        if by_kind["image"]:
+            features = self.image_processor()([resolve_source(it) for it in by_kind["image"]], max_soft_tokens)
+            token, begin, end = self._placeholder_tokens("image")
+            expansions["image"] = [begin + token * n + end for n in features.num_soft_tokens]
             media.update(pixel_values=features.pixel_values, image_position_ids=features.position_ids)
-        if audio:
+        if by_kind["audio"]:
             from .audio import prepare_waveform
 
-            features = self.audio_feature_extractor()([prepare_waveform(c) for c in audio])
-            text = self._expand(text, "audio", list(features.num_soft_tokens))
+            features = self.audio_feature_extractor()([prepare_waveform(resolve_source(it)) for it in by_kind["audio"]])
+            token, begin, end = self._placeholder_tokens("audio")
+            expansions["audio"] = [begin + token * int(n) + end for n in features.num_soft_tokens]
             media.update(input_features=features.features, input_features_mask=features.mask)
-        return self.tokenizer.encode(text, add_bos=True), media
+        if by_kind["video"]:
+            from .video import VideoProcessor, video_placeholder
+
+            processor = VideoProcessor.from_dict(self.processor_config.get("video_processor", {}))
+            videos = [processor(resolve_source(it)) for it in by_kind["video"]]
+            token, begin, end = self._placeholder_tokens("video")
+            expansions["video"] = [video_placeholder(v.timestamps, v.tokens_per_frame, token, begin, end)
+                                   for v in videos]
+            media.update(pixel_values_videos=np.concatenate([v.pixel_values for v in videos]),
+                         video_position_ids=np.concatenate([v.position_ids for v in videos]))
+        return expansions, media
 
     def image_processor(self):
         """The checkpoint's image processor (processor_config.json's settings, else the published defaults)."""
@@ -165,12 +256,30 @@ class Processor:
 
         return AudioFeatureExtractor.from_dict(config) if config else AudioFeatureExtractor()
 
-    def _expand(self, text: str, kind: str, counts: list[int]) -> str:
-        names = (kind, f"{kind}_start", f"{kind}_end")
-        tokens = [self.tokenizer.token_text(n) for n in names]
-        if any(t is None for t in tokens):
-            raise ValueError(f"this tokenizer has no {kind} tokens (<|{kind}>, <|{kind}|>, <{kind}|>)")
-        return expand_placeholders(text, tokens[0], tokens[1], tokens[2], counts, kind)
+    def _expand_placeholders(self, pieces: list[tuple[str, bool]],
+                             expansions: dict[str, list[str]]) -> list[tuple[str, bool]]:
+        """Replace the i-th media placeholder the template wrote (never one a user typed: those are plain-text
+        pieces) by the i-th input's expansion. Every placeholder needs exactly one input and vice versa."""
+        kinds = {self.tokenizer.token_text(kind): kind for kind in MEDIA_KINDS}
+        kinds.pop(None, None)
+        counts = dict.fromkeys(MEDIA_KINDS, 0)
+
+        def expand(m):
+            kind = kinds[m.group(0)]
+            i, counts[kind] = counts[kind], counts[kind] + 1
+            given = expansions.get(kind, [])
+            return given[i] if i < len(given) else m.group(0)
+
+        if kinds:
+            pattern = re.compile("|".join(map(re.escape, kinds)))
+            pieces = [(text if plain else pattern.sub(expand, text), plain) for text, plain in pieces]
+        for kind in MEDIA_KINDS:
+            given = len(expansions.get(kind, []))
+            if counts[kind] != given:
+                raise ValueError(f"the prompt has {counts[kind]} {kind} placeholders but {given} {kind} inputs were "
+                                 f"given (each {kind} needs its {{'type': '{kind}'}} item in a user or assistant "
+                                 "turn; the Gemma 4 template writes none in a system turn)")
+        return pieces
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from ..errors import CheckpointError, read_json
+
 _PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -47,7 +49,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"cannot read tokenizer {path}: {e}") from e
+            raise CheckpointError(f"cannot read tokenizer {path}: {e}") from e
         special = {}
         for name, tok in gemma4_special_tokens().items():
             content = tok["content"]
@@ -63,7 +65,7 @@ class Tokenizer:
     def from_pretrained(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         return cls.from_file(directory / "tokenizer.json", config)
 
     # -- vocabulary -----------------------------------------------------------------------------------------
@@ -114,6 +116,46 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def added_tokens(self) -> dict[str, bool]:
+        """{text: special} of the vocabulary's added tokens (control tokens and the like)."""
+        return {t.content: bool(t.special) for t in self.backend.get_added_tokens_decoder().values()}
+
+    @cached_property
+    def _plain_backend(self):
+        """A copy of the backend that matches no added token: their text is encoded as ordinary text."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        spec = json.loads(self.backend.to_str())
+        for token in spec.get("added_tokens") or []:
+            token["special"] = True  # encode_special_tokens then skips every added token
+        clone = HFTokenizer.from_str(json.dumps(spec))
+        clone.encode_special_tokens = True
+        return clone
+
+    def encode_pieces(self, pieces: list[tuple[str, bool]], add_bos: bool = True) -> list[int]:
+        """Token ids of a rendered prompt split into pieces [(text, as_plain_text)]: pieces with as_plain_text
+        (control tokens a user typed) are encoded without matching added tokens, the others normally. Every
+        piece after the first is encoded as if it followed a newline (then the newline's ids are removed), so a
+        SentencePiece-style tokenizer treats it as mid-text, as transformers' sanitize_control_tokens does."""
+        newline = self.backend.encode("\n", add_special_tokens=False).ids
+        ids: list[int] = []
+        for k, (text, plain) in enumerate(pieces):
+            backend = self._plain_backend if plain else self.backend
+            piece_ids = backend.encode(text if k == 0 else "\n" + text, add_special_tokens=False).ids
+            if k:
+                if piece_ids[:len(newline)] == newline:
+                    piece_ids = piece_ids[len(newline):]
+                else:
+                    piece_ids = backend.encode(text, add_special_tokens=False).ids
+            if plain and self.backend.token_to_id(text) in piece_ids:
+                raise ValueError(f"cannot keep the typed control token {text!r} as text: this tokenizer makes the "
+                                 "token itself from its characters")
+            ids += piece_ids
+        bos = self.bos_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
 
     @cached_property
     def byte_token_ids(self) -> frozenset[int]:

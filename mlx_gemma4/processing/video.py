@@ -28,8 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .image import (BOI_TOKEN, EOI_TOKEN, PATCH_SIZE, POOLING_KERNEL_SIZE, ImageLike, check_budget, load_image,
-                    pad_patches, patch_positions, patchify, target_size)
+from ..errors import MediaError
+from .media import file_or_bytes
+from .image import (BOI_TOKEN, EOI_TOKEN, MAX_IMAGE_PIXELS, PATCH_SIZE, POOLING_KERNEL_SIZE, ImageLike, check_budget,
+                    load_image, pad_patches, patch_positions, patchify, target_size)
 
 VIDEO_TOKEN = "<|video|>"
 DEFAULT_NUM_FRAMES = 32
@@ -89,20 +91,21 @@ def _import_av():
     return av
 
 
-def read_video(path: str | os.PathLike, num_frames: int | None = DEFAULT_NUM_FRAMES,
+def read_video(source: str | os.PathLike | bytes, num_frames: int | None = DEFAULT_NUM_FRAMES,
                fps: float | None = None) -> Frames:
-    """Decode the sampled frames of a video file to RGB with PyAV (transformers' read_video_pyav)."""
+    """Decode the sampled frames of a video file (or its bytes) to RGB with PyAV (transformers'
+    read_video_pyav)."""
     av = _import_av()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Video file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"Video path is not a file: {path}")
+    what, handle = file_or_bytes(source, "video")
+    handle = str(handle) if isinstance(handle, Path) else handle
     try:
-        with av.open(str(path)) as container:
+        with av.open(handle) as container:
             if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
+                raise MediaError(f"{what} has no video stream")
             stream = container.streams.video[0]
+            if stream.width * stream.height > MAX_IMAGE_PIXELS:
+                raise MediaError(f"Cannot read {what}: frames of {stream.width}x{stream.height} pixels are more "
+                                 f"than the {MAX_IMAGE_PIXELS}-pixel limit")
             video_fps = float(stream.average_rate) if stream.average_rate else None
             total = int(stream.frames)
             if total <= 0:  # the container does not record a frame count: count by decoding
@@ -117,9 +120,9 @@ def read_video(path: str | os.PathLike, num_frames: int | None = DEFAULT_NUM_FRA
                 if i in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
     except av.error.FFmpegError as e:
-        raise ValueError(f"Cannot read video {path}: the file is corrupt or not a video ({e})") from e
+        raise MediaError(f"Cannot read {what}: the file is corrupt or not a video ({e})") from e
     if len(frames) != len(indices):
-        raise ValueError(f"Cannot read video {path}: its header says {total} frames but only "
+        raise MediaError(f"Cannot read {what}: its header says {total} frames but only "
                          f"{len(frames)} of the sampled ones could be decoded")
     return Frames(np.stack(frames), video_fps, indices.tolist(), total)
 
@@ -207,9 +210,10 @@ def format_timestamp(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
 
-def video_placeholder(timestamps: Sequence[float], tokens_per_frame: int) -> str:
+def video_placeholder(timestamps: Sequence[float], tokens_per_frame: int, token: str = VIDEO_TOKEN,
+                      begin: str = BOI_TOKEN, end: str = EOI_TOKEN) -> str:
     """Prompt text standing for one video: per frame `mm:ss <|image>` + N x `<|video|>` + `<image|>`."""
-    frame = BOI_TOKEN + VIDEO_TOKEN * tokens_per_frame + EOI_TOKEN
+    frame = begin + token * tokens_per_frame + end
     return " ".join(f"{format_timestamp(t)} {frame}" for t in timestamps)
 
 
@@ -269,7 +273,7 @@ class VideoProcessor:
     def load(self, video, num_frames: int | None = None, fps: float | None = None) -> Frames:
         if isinstance(video, Frames):
             return video
-        if isinstance(video, (str, os.PathLike)):
+        if isinstance(video, (str, os.PathLike, bytes, bytearray)):
             if fps is not None:  # sample `fps` frames per second instead of a fixed count
                 return read_video(video, num_frames=num_frames, fps=fps)
             return read_video(video, num_frames=num_frames or self.num_frames)
