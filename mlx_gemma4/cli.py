@@ -19,8 +19,9 @@ import traceback
 from typing import Callable, Sequence
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
-# Failures a user can cause and fix (bad input, a missing or unreadable file, a prompt over the context, too
-# little memory): one line `error: ...`. ConfigError, CheckpointError, AudioError and ContextError are ValueErrors.
+# Failures a user can cause and fix: bad input (errors.InputError: ConfigError, CheckpointError, MediaError,
+# PromptCacheError; engine.ContextError; other ValueErrors), a missing or unreadable file, too little memory.
+# Each is one line `error: ...`; anything else is one line too, with a hint to rerun with --verbose.
 EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
 
 
