@@ -4,7 +4,7 @@
 
 Rows: float32 / bfloat16 / float16 dense matmul, and MLX's quantized matmul (4- and 8-bit, group 64) with
 bf16 and float32 activations and scales, plus "dequantize then float32 matmul" and the product the model
-actually runs (`mlx_gemma4.compact.quantized_matmul`: quantized below UNPACK_MIN_ROWS rows, unpacked + sgemm
+actually runs (`mlx_gemma4.kernels.products.quantized_matmul`: quantized below UNPACK_MIN_ROWS rows, unpacked + sgemm
 from there on the CPU). Shapes are M x K x N (x: M x K, weight: N x K as in a Linear). The backend policy
 (`mlx_gemma4.backend.describe_policy`) is printed at the end; this table is the evidence for it.
 """
@@ -19,7 +19,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mlx_gemma4  # noqa: E402  (preloads the optimized BLAS before mlx.core)
-from mlx_gemma4 import backend, compact  # noqa: E402
+from mlx_gemma4 import backend  # noqa: E402
+from mlx_gemma4.kernels import products  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
@@ -65,8 +66,8 @@ def paths(M: int, K: int, N: int):
                         wq, s, b, group_size=64, bits=bits).astype(mx.float32).T))
         s32, b32 = s.astype(mx.float32), b.astype(mx.float32)
         mx.eval(s32, b32)
-        out.append((f"q{bits} compact.quantized_matmul (what the model runs)",
-                    lambda wq=wq, s=s32, b=b32, bits=bits: compact.quantized_matmul(x32, wq, s, b, 64, bits)))
+        out.append((f"q{bits} products.quantized_matmul (what the model runs)",
+                    lambda wq=wq, s=s32, b=b32, bits=bits: products.quantized_matmul(x32, wq, s, b, 64, bits)))
     return out
 
 

@@ -126,7 +126,7 @@ def resolve_weights_dtype(weights_dtype=None, compute_dtype=None):
 #     gemv on 1/8 of the bytes, bf16 quantized_matmul ~9x slower
 # Hence on CPU: compute in float32 (resolve_dtype); quantized weights stay packed, with float32 scales/biases (the
 # loader casts every float tensor to the compute dtype); products with 8+ rows unpack the weight and use sgemm,
-# one-row products stay quantized (mlx_gemma4.compact, MLX_GEMMA4_UNPACK_ROWS overrides). On Metal bf16 and
+# one-row products stay quantized (mlx_gemma4.kernels.products, MLX_GEMMA4_UNPACK_ROWS overrides). On Metal bf16 and
 # the quantized kernels.
 
 

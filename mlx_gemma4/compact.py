@@ -1,81 +1,17 @@
-"""Weights stored more compactly than the compute dtype, and the products on them.
+"""Model modules whose weights are stored more compactly than the compute dtype.
 
 Two kinds: MLX affine-quantized weights (4/8-bit, packed uint32 with per-group scales and biases), and float
 weights kept in bfloat16/float16 while the model computes in float32 (`load(..., weights_dtype="bfloat16")`, half
-the memory of float32 weights).
-
-On MLX's CPU backend `quantized_matmul` runs at ~1.5-2 GFLOP/s whatever the number of rows, and bf16/fp16 matmuls
-at ~2, while BLAS sgemm runs at ~100: from a few rows on, unpacking the weight to float32 and calling sgemm is
-faster, even though the unpacking is paid on every call (a 4-bit 1408x2816 expert: 0.14 s quantized at 32 rows,
-0.02 s unpacked + sgemm; `benchmarks/backend.py`, RESULTS.md section 1). Products with fewer rows (decode) use the
-compact weight directly: they are memory-bound, and unpacking would cost more than the product. On a GPU the
-quantized kernels are always used.
-
-`MLX_GEMMA4_UNPACK_ROWS=N` sets the row count from which the CPU unpacks (0 = never).
+the memory of float32 weights). The products themselves live in `mlx_gemma4.kernels.products` (when the CPU unpacks
+a compact weight, and why).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 
-UNPACK_MIN_ROWS = 8  # measured break-even on CPU is ~5 rows for a 4-bit 1408x2816 matrix
-
-
-def unpack_min_rows() -> int | None:
-    """Rows from which a product with a compact weight unpacks it to the compute dtype, or None for never."""
-    if mx.default_device() != mx.cpu:
-        return None
-    rows = int(os.environ.get("MLX_GEMMA4_UNPACK_ROWS", UNPACK_MIN_ROWS))
-    return rows if rows > 0 else None
-
-
-def _unpacks(x: mx.array) -> bool:
-    min_rows = unpack_min_rows()
-    return min_rows is not None and x.ndim > 0 and x.size // x.shape[-1] >= min_rows
-
-
-@functools.lru_cache(maxsize=None)
-def _unpacker(bits: int, group_size: int):
-    per_word = 32 // bits
-    shifts = mx.array([bits * i for i in range(per_word)], dtype=mx.uint32)
-    mask = (1 << bits) - 1
-
-    def unpack(w, scales, biases):
-        # mx.quantize packs element j of each word at bits * j (little end first); w = scale * q + bias per group.
-        q = ((w[..., None] >> shifts) & mask).astype(scales.dtype)
-        q = q.reshape(*w.shape[:-1], scales.shape[-1], group_size)
-        return (q * scales[..., None] + biases[..., None]).reshape(*w.shape[:-1], -1)
-
-    return mx.compile(unpack)
-
-
-def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """The float matrix behind an affine-quantized one, in the scales' dtype (same values as `mx.dequantize`,
-    ~2.5x faster on the CPU backend)."""
-    if 32 % bits:
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
-    return _unpacker(bits, group_size)(w, scales, biases)
-
-
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-                     bits: int) -> mx.array:
-    """x @ W.T for an affine-quantized W (out, in): unpacked + float matmul when x has enough rows on the CPU."""
-    if _unpacks(x):
-        return x @ dequantize(w, scales, biases, group_size, bits).astype(x.dtype).swapaxes(-1, -2)
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-
-
-def compact_matmul(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T for a float w stored in another dtype than x: w upcast when x has enough rows (CPU), else x cast to
-    w's dtype for the product (memory-bound one-row products read half the bytes) and the result cast back."""
-    w_t = w.swapaxes(-1, -2)
-    if w.dtype == x.dtype or _unpacks(x):
-        return x @ w_t.astype(x.dtype)
-    return (x.astype(w.dtype) @ w_t).astype(x.dtype)
+from .kernels.products import compact_matmul, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):

@@ -18,6 +18,15 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
+@pytest.fixture
+def metal_emulator():
+    """`with metal_emulator(**msim_options) as runner:` runs the kernels' Metal bodies under the msim emulator
+    (race-checked by default; see tests/kernel_emulator.py)."""
+    from kernel_emulator import emulated_metal
+
+    return emulated_metal
+
+
 @pytest.fixture(scope="session")
 def text_checkpoint(tmp_path_factory):
     """Factory: text_checkpoint(variant, spelling=..., wrapper=...) -> Path, cached for the session."""

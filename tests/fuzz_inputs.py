@@ -247,7 +247,8 @@ def fuzz_prompt_cache():
     source = _fixture("FUZZ_PROMPT_CACHE")
     model, _ = load(_fixture("FUZZ_CHECKPOINT"))
     arrays, meta = mx.load(str(source), return_metadata=True)
-    decoded = {k: json.loads(v) if k != "format" else v for k, v in meta.items()}
+    raw_keys = ("format", "model_fingerprint", "tokenizer_fingerprint")  # plain strings, not JSON
+    decoded = {k: v if k in raw_keys else json.loads(v) for k, v in meta.items()}
     work = Path(tempfile.mkdtemp(prefix="fuzz-cache-")) / "cache.safetensors"
     names = sorted(arrays)
 
@@ -270,7 +271,7 @@ def fuzz_prompt_cache():
                 out[name + ".x"] = a
         if not isinstance(new_meta, dict):
             new_meta = {"format": str(new_meta)}
-        meta_out = {str(k): v if isinstance(v, str) and k == "format" else json.dumps(v)
+        meta_out = {str(k): v if isinstance(v, str) and k in raw_keys else json.dumps(v)
                     for k, v in new_meta.items()}
         tmp = work.with_name("new.safetensors")
         mx.save_safetensors(str(tmp), out, metadata=meta_out)

@@ -123,14 +123,15 @@ class StaticServer:
 def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cwd=None) -> subprocess.CompletedProcess:
     """Run `python -c code` with an address-space limit (RLIMIT_AS) and a wall-clock timeout. The import of
     mlx_gemma4 happens before the limit: the limit bounds what the code under test allocates (MLX and numpy
-    reserve address space at import). Prints 'ELAPSED <s>' and 'MAXRSS_MB <MB>' on stderr at the end."""
+    reserve address space at import). Prints 'ELAPSED <s>' and 'MAXRSS_MB <MB>' (the process's peak resident
+    memory, /proc's VmHWM: getrusage's ru_maxrss would include the parent's peak, kept across fork and exec) on
+    stderr at the end."""
     gb = int(memory_gb * 2**30)
     prelude = (
         "import resource, sys, time, traceback\n"
         "import mlx_gemma4, mlx.core, numpy\n"
         "from mlx_gemma4 import loading, gguf, config\n"
         f"_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)\n"
-        f"_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"_limit = _vm() + {gb} if (_vm := lambda: int(open('/proc/self/statm').read().split()[0]) * "
         "resource.getpagesize())() else 0\n"
         "resource.setrlimit(resource.RLIMIT_AS, (_limit, _hard))\n"
@@ -139,7 +140,8 @@ def run_limited(code: str, *, memory_gb: float = 1.0, timeout_s: float = 5.0, cw
         + "".join(f"    {line}\n" for line in code.strip().splitlines()) +
         "finally:\n"
         "    print('ELAPSED', time.perf_counter() - _t, file=sys.stderr)\n"
-        "    print('MAXRSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+        "    _hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "    print('MAXRSS_MB', int(_hwm) / 1024, file=sys.stderr)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tools")]))
     return subprocess.run([sys.executable, "-c", prelude], capture_output=True, text=True, timeout=timeout_s + 60,

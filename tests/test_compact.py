@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma4 import compact
+from mlx_gemma4.kernels import products
 from mlx_gemma4.loading import load
 
 
@@ -17,7 +18,7 @@ from mlx_gemma4.loading import load
 def test_dequantize_equals_mlx(bits, group_size):
     w = mx.random.normal((3, 40, 256), key=mx.random.key(bits + group_size))
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    ours = compact.dequantize(q, s, b, group_size, bits)
+    ours = products.dequantize(q, s, b, group_size, bits)
     assert mx.array_equal(ours, mx.dequantize(q, s, b, group_size=group_size, bits=bits))
 
 
@@ -29,16 +30,16 @@ def test_quantized_matmul_paths(rows, monkeypatch):
     q, s, b = mx.quantize(w, group_size=64, bits=4)
     x = mx.random.normal((rows, 128), key=mx.random.key(2))
     want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=64, bits=4)
-    got = compact.quantized_matmul(x, q, s, b, 64, 4)
-    if rows < compact.UNPACK_MIN_ROWS:
+    got = products.quantized_matmul(x, q, s, b, 64, 4)
+    if rows < products.UNPACK_MIN_ROWS:
         assert mx.array_equal(got, want)
     else:
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
         dense = x @ mx.dequantize(q, s, b, group_size=64, bits=4).T
         assert mx.array_equal(got, dense)  # exactly the unpack + matmul path
     monkeypatch.setenv("MLX_GEMMA4_UNPACK_ROWS", "0")
-    assert compact.unpack_min_rows() is None
-    assert mx.array_equal(compact.quantized_matmul(x, q, s, b, 64, 4), want)
+    assert products.unpack_min_rows() is None
+    assert mx.array_equal(products.quantized_matmul(x, q, s, b, 64, 4), want)
 
 
 def test_loaded_quantized_model_uses_fast_linears(text_checkpoint):
@@ -58,9 +59,9 @@ def test_compact_matmul_paths(rows):
     with UNPACK_MIN_ROWS rows or more upcast the weight and run in float32."""
     w = mx.random.normal((48, 64), key=mx.random.key(4)).astype(mx.bfloat16)
     x = mx.random.normal((rows, 64), key=mx.random.key(5))
-    got = compact.compact_matmul(x, w)
+    got = products.compact_matmul(x, w)
     assert got.dtype == mx.float32
-    if rows < compact.UNPACK_MIN_ROWS:
+    if rows < products.UNPACK_MIN_ROWS:
         assert mx.array_equal(got, (x.astype(mx.bfloat16) @ w.T).astype(mx.float32))
     else:
         assert mx.array_equal(got, x @ w.astype(mx.float32).T)

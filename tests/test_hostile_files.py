@@ -115,3 +115,31 @@ def test_config_with_100000_layers_fails_fast(chat_checkpoint, tmp_path):
     (crafted / "config.json").write_text(json.dumps(config))
     assert_fails_fast(f"from mlx_gemma4 import load\nload({str(crafted)!r})", "ConfigError",
                       "num_hidden_layers = 100000 is out of range")
+
+
+def test_long_audio_is_refused_before_decoding(tmp_path):
+    import soundfile
+
+    clip = tmp_path / "long.wav"
+    soundfile.write(clip, np.zeros(16000 * 35, np.float32), 16000)
+    from mlx_gemma4.processing.audio import decode_audio
+
+    with pytest.raises(MediaError, match="long.wav' is too long: 35.00 s"):
+        decode_audio(clip)
+
+
+def test_processor_config_ranges(tmp_path):
+    from hardening_fixtures import mm_tokenizer_dir
+
+    from mlx_gemma4.errors import ConfigError
+
+    for f in mm_tokenizer_dir().iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    image = np.zeros((30, 30, 3), np.uint8)
+    for block, key, value in [("image_processor", "patch_size", 0), ("image_processor", "pooling_kernel_size", -1),
+                              ("video_processor", "num_frames", 10**9)]:
+        (tmp_path / "processor_config.json").write_text(json.dumps({block: {key: value}}))
+        kind = block.split("_")[0]
+        with pytest.raises(ConfigError, match=f"{block}.{key} = {value}"):
+            Processor.from_pretrained(tmp_path).prompt_inputs(
+                [{"role": "user", "content": [{"type": kind, kind: image if kind == "image" else [image]}]}])

@@ -7,10 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4.kernels import attention_plan, use_backend, use_emulator, windowed_attention
+from mlx_gemma4.kernels import attention_plan, use_backend, windowed_attention
 from mlx_gemma4.kernels import sliding_attention as sa
 
-EMULATOR = dict(check_order=True, guard=True, poison=True)
 
 
 def visible(L, S, q_start, k_start, window, ids):
@@ -75,7 +74,7 @@ TOL_MLX = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_windowed_attention_metal_and_mlx_match_float64(case):
+def test_windowed_attention_metal_and_mlx_match_float64(case, metal_emulator):
     name, (Hq, Hkv), D, dtype, L, S, q_start, k_start, window, runs = case
     rng = np.random.default_rng(len(name) * 31 + L)
     q, k, v = make_qkv(rng, 1, Hq, Hkv, L, S, D, dtype)
@@ -85,7 +84,7 @@ def test_windowed_attention_metal_and_mlx_match_float64(case):
     ref = reference(f64(q), f64(k), f64(v), D**-0.5, q_start, k_start, window, ids)
     with use_backend("mlx"):
         out_mlx = windowed_attention(q, k, v, **kw)
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         out_metal = windowed_attention(q, k, v, **kw)
     assert out_metal.dtype == dtype and out_mlx.dtype == dtype and out_metal.shape == q.shape
     assert runner.compiled == {sa.DECODE.name if L <= sa.DECODE_MAX_QUERIES else sa.PREFILL.name}
@@ -95,26 +94,26 @@ def test_windowed_attention_metal_and_mlx_match_float64(case):
     assert err_mlx < TOL_MLX[dtype], f"MLX path error {err_mlx:.2e}"
 
 
-def test_batch_and_tiny_head_dim():
+def test_batch_and_tiny_head_dim(metal_emulator):
     """Batch > 1 and head dims that are not multiples of 32 (the tiny test checkpoints use 16 and 32)."""
     rng = np.random.default_rng(5)
     for D, L in ((16, 12), (48, 2)):
         q, k, v = make_qkv(rng, 2, 4, 2, L, 14, D, mx.float32)
         kw = dict(scale=0.3, q_start=2, k_start=0, window=5)
         ref = reference(f64(q), f64(k), f64(v), 0.3, 2, 0, 5, None)
-        with use_emulator(**EMULATOR):
+        with metal_emulator():
             np.testing.assert_allclose(f64(windowed_attention(q, k, v, **kw)), ref, atol=1e-5)
         with use_backend("mlx"):
             np.testing.assert_allclose(f64(windowed_attention(q, k, v, **kw)), ref, atol=1e-5)
 
 
-def test_prefill_visits_only_in_window_key_tiles():
+def test_prefill_visits_only_in_window_key_tiles(metal_emulator):
     """The Metal prefill visits exactly the key tiles holding a key some query of its block can see."""
     rng = np.random.default_rng(7)
     Hq, Hkv, L, S, D, window = 2, 1, 40, 40, 256, 6
     ids = image_ids(S, [(20, 31)])  # an image longer than the window: queries see later keys of it
     q, k, v = make_qkv(rng, 1, Hq, Hkv, L, S, D, mx.float32)
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         out, tiles = sa.windowed_attention_metal(runner, q, k, v, scale=D**-0.5,
                                                  q_start=0, k_start=0, window=window, block_ids=mx.array(ids),
                                                  return_tiles=True)
@@ -183,7 +182,7 @@ def test_bad_inputs_raise_clear_errors():
         windowed_attention(q, k, v[:, :, :3], **kw)
 
 
-def test_race_check_catches_a_missing_barrier():
+def test_race_check_catches_a_missing_barrier(metal_emulator):
     """Dropping the barrier that protects the K/V tiles from the next tile's load must be caught by the
     forward/reverse schedule comparison (so the race checks on the real bodies are not vacuous)."""
     import dataclasses
@@ -206,7 +205,7 @@ def test_race_check_catches_a_missing_barrier():
         def kernel(self, spec):
             return self.runner.kernel(broken if spec.name == sa.PREFILL.name else spec)
 
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         with pytest.raises(msim.OrderDependenceError, match="depends on the thread schedule"):
             sa.windowed_attention_metal(SwapPrefill(runner), q, k, v, scale=0.2, q_start=0, k_start=0, window=None)
         # the intact body on the same inputs passes the same check

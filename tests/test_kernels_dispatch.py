@@ -1,4 +1,4 @@
-"""Backend selection: MLX_GEMMA4_KERNELS, use_backend, use_emulator."""
+"""Backend selection (MLX_GEMMA4_KERNELS, use_backend) and the kernel factory (use_kernel_factory)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,24 @@ import numpy as np
 import pytest
 
 from mlx_gemma4 import kernels
-from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, use_emulator, windowed_attention
+from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, use_kernel_factory, windowed_attention
 
 
 def test_auto_picks_metal_only_when_available(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.backend() == ("metal" if mx.metal.is_available() else "mlx")
+    on_gpu = mx.metal.is_available() and mx.default_device() == mx.gpu
+    assert kernels.backend() == ("metal" if on_gpu else "mlx")
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
-    assert kernels.backend() == ("metal" if mx.metal.is_available() else "mlx")
+    assert kernels.backend() == ("metal" if on_gpu else "mlx")
 
 
-def test_env_var_forces_a_backend(monkeypatch):
+def test_env_var_offers_auto_metal_mlx_only(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "mlx")
     assert kernels.backend() == "mlx"
-    monkeypatch.setenv(kernels.ENV_VAR, "emulate")
-    assert kernels.backend() == "emulate"
-    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="MLX_GEMMA4_KERNELS='cuda'"):
-        kernels.backend()
+    for bad in ("emulate", "cuda"):
+        monkeypatch.setenv(kernels.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"MLX_GEMMA4_KERNELS='{bad}': expected one of auto, metal, mlx"):
+            kernels.backend()
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="checks the error raised where Metal is absent")
@@ -38,32 +38,42 @@ def test_forcing_metal_without_a_metal_device_is_a_clear_error(monkeypatch):
                            q_start=0, k_start=0, window=None)
 
 
-def test_context_managers_override_env_and_nest(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "emulate")
-    with use_backend("mlx"):
-        assert kernels.backend() == "mlx"
-        with use_emulator():
-            assert kernels.backend() == "emulate"
-        assert kernels.backend() == "mlx"
-    assert kernels.backend() == "emulate"
+def test_context_managers_override_env_and_nest(monkeypatch, metal_emulator):
+    monkeypatch.setenv(kernels.ENV_VAR, "mlx")
+    with metal_emulator():
+        assert kernels.backend() == "metal"
+        with use_backend("mlx"):
+            assert kernels.backend() == "mlx"
+        assert kernels.backend() == "metal"
+    assert kernels.backend() == "mlx"
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        with use_backend("gpu"):
+        with use_backend("emulate"):
             pass
 
 
-def test_env_emulate_runs_metal_bodies(monkeypatch):
-    """MLX_GEMMA4_KERNELS=emulate sends a plain call through the emulator (same numbers as the MLX path)."""
+def test_kernel_factory_runs_metal_bodies():
+    """An installed factory builds every kernel the Metal path runs (here msim's, which gives the same numbers
+    as the MLX path), called with mx.fast.metal_kernel's arguments."""
+    import msim
+
+    built = []
+
+    def factory(**kw):
+        built.append(sorted(kw))
+        return msim.metal_kernel(**kw)
+
     rng = np.random.default_rng(0)
     gu = ExpertBank(mx.array(rng.standard_normal((4, 64, 32)).astype(np.float32) * 0.2))
     dn = ExpertBank(mx.array(rng.standard_normal((4, 32, 32)).astype(np.float32) * 0.2))
     x = mx.array(rng.standard_normal((2, 32)).astype(np.float32))
     idx = mx.array([[0, 3], [2, 2]], mx.int32)
     w = mx.array([[0.7, 0.3], [0.5, 0.5]])
-    monkeypatch.setenv(kernels.ENV_VAR, "mlx")
-    want = expert_glu(x, idx, w, gu, dn)
-    monkeypatch.setenv(kernels.ENV_VAR, "emulate")
-    got = expert_glu(x, idx, w, gu, dn)
-    assert kernels._env_emulator is not None and kernels._env_emulator.compiled  # the emulator really ran
+    with use_backend("mlx"):
+        want = expert_glu(x, idx, w, gu, dn)
+    with use_kernel_factory(factory) as runner, use_backend("metal"):
+        got = expert_glu(x, idx, w, gu, dn)
+    assert runner.compiled and len(built) == len(runner.compiled)
+    assert built[0] == ["ensure_row_contiguous", "header", "input_names", "name", "output_names", "source"]
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
 
 
@@ -115,11 +125,11 @@ def test_emulator_compiles_the_exact_text_mlx_generates(case):
     assert ours == golden
 
 
-@pytest.mark.parametrize("backend_name", ["mlx", "emulate"])
-def test_empty_inputs_give_empty_outputs(backend_name):
+@pytest.mark.parametrize("backend_name", ["mlx", "metal"])
+def test_empty_inputs_give_empty_outputs(backend_name, metal_emulator):
     gu = ExpertBank(mx.zeros((4, 64, 32)))
     dn = ExpertBank(mx.zeros((4, 32, 32)))
-    with use_backend(backend_name):
+    with metal_emulator() if backend_name == "metal" else use_backend("mlx"):
         out = expert_glu(mx.zeros((0, 32), mx.bfloat16), mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), gu, dn)
         assert out.shape == (0, 32) and out.dtype == mx.bfloat16
         q, kv = mx.zeros((1, 2, 0, 32)), mx.zeros((1, 1, 3, 32))

@@ -7,10 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, use_emulator
+from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend
 from mlx_gemma4.kernels import gather_experts as ge
 
-EMULATOR = dict(check_order=True, guard=True, poison=True)
 
 
 def reference(x, indices, weights, gate_up, down):
@@ -74,7 +73,7 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_expert_glu_metal_and_mlx_match_float64(case):
+def test_expert_glu_metal_and_mlx_match_float64(case, metal_emulator):
     dtype, bits, gs, T = case
     rng = np.random.default_rng(T * 7 + (bits or 0))
     E, H, I, K = 16, 64, 64, 8  # 26B A4B: top-8 experts (of 128; 16 here), H and I shrunk
@@ -86,7 +85,7 @@ def test_expert_glu_metal_and_mlx_match_float64(case):
 
     with use_backend("mlx"):
         out_mlx = expert_glu(x, idx, w, gate_up, down)
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         out_metal = expert_glu(x, idx, w, gate_up, down)
     assert out_mlx.dtype == dtype and out_metal.dtype == dtype
     assert out_metal.shape == (T, H)
@@ -132,7 +131,7 @@ def test_mlx_paths_agree(bits):
     assert mx.array_equal(dispatched, outs["segments"])
 
 
-def test_matches_transformers_experts_module():
+def test_matches_transformers_experts_module(metal_emulator):
     """Same result as transformers' Gemma4TextExperts (float32) on random weights."""
     torch = pytest.importorskip("torch")
     from transformers import Gemma4TextConfig
@@ -154,7 +153,7 @@ def test_matches_transformers_experts_module():
     args = (mx.array(x.numpy()), mx.array(idx.numpy().astype(np.int32)), mx.array(w.numpy()), gu, dn)
     with use_backend("mlx"):
         np.testing.assert_allclose(np.array(expert_glu(*args)), want, rtol=1e-4, atol=1e-5)
-    with use_emulator(**EMULATOR):
+    with metal_emulator():
         np.testing.assert_allclose(np.array(expert_glu(*args)), want, rtol=1e-4, atol=1e-5)
 
 

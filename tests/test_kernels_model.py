@@ -12,9 +12,8 @@ import checkpoints
 from mlx_gemma4 import load
 from mlx_gemma4.kernels import gather_experts as ge
 from mlx_gemma4.kernels import sliding_attention as sa
-from mlx_gemma4.kernels import use_backend, use_emulator
+from mlx_gemma4.kernels import use_backend
 
-EMULATOR = dict(check_order=True, guard=True, poison=True)
 RTOL = 1e-4
 
 
@@ -41,7 +40,7 @@ CASES = [("26b", None, (4, 24)), ("e2b", None, None), ("26b", 4, (6, 15))]
 
 
 @pytest.mark.parametrize("variant,quantize,image", CASES)
-def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize, image):
+def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize, image, metal_emulator):
     kw = dict(quantize=quantize, group_size=32) if quantize else {}
     model, _ = load(text_checkpoint(variant), dtype="float32", **kw)
     ids = np.random.RandomState(3).randint(3, checkpoints.VOCAB, (1, 34))
@@ -53,7 +52,7 @@ def test_emulated_kernels_match_mlx_path(text_checkpoint, variant, quantize, ima
     chunks = [26, 3] + [1] * 5
     with use_backend("mlx"):
         want = run(model, ids, chunks, block_ids)
-    with use_emulator(**EMULATOR) as runner:
+    with metal_emulator() as runner:
         got = run(model, ids, chunks, block_ids)
     used = runner.compiled
     assert {sa.PREFILL.name, sa.DECODE.name} <= used

@@ -95,6 +95,18 @@ def test_generation_layers_import_downwards_only():
     assert not graph["mlx_gemma4.prompt_cache"] & set(layers)
 
 
+def test_kernels_is_a_leaf_and_nothing_edits_sys_path():
+    """mlx_gemma4/kernels imports nothing from the package but its own modules (the emulator is the tests'
+    business), and no module of the package edits sys.path to reach tools/."""
+    graph = import_graph()
+    for module, deps in graph.items():
+        if module.startswith("mlx_gemma4.kernels"):
+            assert all(d.startswith("mlx_gemma4.kernels") for d in deps), f"{module} imports {sorted(deps)}"
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text and "import msim" not in text and "from msim" not in text, path
+
+
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

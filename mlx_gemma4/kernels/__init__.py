@@ -1,96 +1,102 @@
-"""Custom kernels for Gemma 4's hot spots, with one dispatch point.
+"""Custom kernels for Gemma 4's hot spots, with one dispatch point. A leaf package: it imports nothing from
+mlx_gemma4 but its own files.
 
     expert_glu(x, indices, weights, gate_up, down)        top-k expert GeGLU (26B A4B MoE)
     windowed_attention(q, k, v, scale=, q_start=, k_start=, window=, block_ids=)
+    products.quantized_matmul / compact_matmul / dequantize   products with compact (quantized, bf16) weights
 
-Each call runs the Metal kernel when MLX has a Metal device and the pure-MLX path otherwise. The environment
-variable MLX_GEMMA4_KERNELS overrides the choice:
-    auto (default) | metal (error without Metal) | mlx | emulate (Metal bodies run by the msim emulator, tools/msim)
-`use_backend(name)` and `use_emulator(**msim_options)` do the same for a `with` block (tests use
-`use_emulator(check_order=True)` to run the exact Metal bodies on Linux with race checks).
+Each call runs the Metal kernel when MLX has a Metal device and computes on the GPU, and the pure-MLX path
+otherwise. The environment variable MLX_GEMMA4_KERNELS overrides the choice:
+    auto (default) | metal (error without Metal) | mlx
+`use_backend(name)` does the same for a `with` block. How Metal source is run is one kernel factory,
+`mx.fast.metal_kernel` unless `use_kernel_factory(factory)` installs another for a `with` block (the tests install
+the msim emulator, which runs the same kernel bodies on a Linux CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import mlx.core as mx
 
-from ._metal import EmulatorRunner, MetalRunner
+from ._metal import KernelFactory, KernelRunner, KernelSpec
 from .gather_experts import ExpertBank, expert_glu_metal, expert_glu_mlx
 from .gather_experts import validate_inputs as _validate_experts
 from .sliding_attention import attention_plan, windowed_attention_metal, windowed_attention_mlx
 from .sliding_attention import validate_inputs as _validate_attention
 
-__all__ = ["ExpertBank", "expert_glu", "windowed_attention", "backend", "use_backend", "use_emulator",
-           "attention_plan"]
+__all__ = ["ExpertBank", "KernelFactory", "KernelRunner", "KernelSpec", "expert_glu", "windowed_attention",
+           "backend", "use_backend", "use_kernel_factory", "attention_plan"]
 
-BACKENDS = ("auto", "metal", "mlx", "emulate")
+BACKENDS = ("auto", "metal", "mlx")
 ENV_VAR = "MLX_GEMMA4_KERNELS"
 
-_override: list = []  # stack of (backend name, runner or None)
-_metal_runner: MetalRunner | None = None
-_env_emulator: EmulatorRunner | None = None
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_backend", default=None)
+_installed_runner: contextvars.ContextVar[KernelRunner | None] = contextvars.ContextVar("kernel_runner",
+                                                                                        default=None)
+_metal_runner: KernelRunner | None = None  # mx.fast.metal_kernel's, built on first use
 
 
 def _metal_available() -> bool:
     return bool(mx.metal.is_available())
 
 
-def _resolve():
-    """-> (backend name, runner): 'metal' or 'emulate' with a runner, or ('mlx', None)."""
-    global _metal_runner, _env_emulator
-    if _override:
-        name, runner = _override[-1]
-    else:
-        name, runner = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", None
+def _requested() -> str:
+    name = _backend_override.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
         if name not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _resolve() -> tuple[str, KernelRunner | None]:
+    """-> ('metal', the runner of the installed kernel factory) or ('mlx', None)."""
+    global _metal_runner
+    name = _requested()
     if name == "auto":
-        name = "metal" if _metal_available() else "mlx"
+        name = "metal" if _metal_available() and mx.default_device() == mx.gpu else "mlx"
     if name == "mlx":
         return name, None
-    if name == "metal":
+    runner = _installed_runner.get()
+    if runner is None:
         if not _metal_available():
             raise RuntimeError(f"Metal kernels requested ({ENV_VAR}=metal or use_backend('metal')) but MLX has no "
-                               "Metal device here; use 'auto', 'mlx' or 'emulate'")
-        if runner is None:
-            _metal_runner = _metal_runner or MetalRunner()
-            runner = _metal_runner
-        return name, runner
-    if runner is None:  # emulate, from the environment
-        _env_emulator = _env_emulator or EmulatorRunner()
-        runner = _env_emulator
+                               "Metal device here; use 'auto' or 'mlx'")
+        _metal_runner = _metal_runner or KernelRunner()
+        runner = _metal_runner
     return name, runner
 
 
 def backend() -> str:
-    """The backend the next kernel call will use: 'metal', 'mlx' or 'emulate'."""
+    """The backend the next kernel call will use: 'metal' or 'mlx'."""
     return _resolve()[0]
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend ('auto', 'metal', 'mlx', 'emulate') inside a `with` block."""
+    """Force a backend ('auto', 'metal', 'mlx') inside a `with` block."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    _override.append((name, None))
+    token = _backend_override.set(name)
     try:
         yield
     finally:
-        _override.pop()
+        _backend_override.reset(token)
 
 
 @contextlib.contextmanager
-def use_emulator(**msim_options):
-    """Route the Metal path through msim's `metal_kernel` (options: check_order, guard, poison, ...)."""
-    runner = EmulatorRunner(dict(msim_options))
-    _override.append(("emulate", runner))
+def use_kernel_factory(factory: KernelFactory):
+    """Run Metal kernel source through `factory` (called like `mx.fast.metal_kernel`) inside a `with` block;
+    yields the `KernelRunner` that builds the kernels with it."""
+    runner = KernelRunner(factory)
+    token = _installed_runner.set(runner)
     try:
         yield runner
     finally:
-        _override.pop()
+        _installed_runner.reset(token)
 
 
 def expert_glu(x: mx.array, indices: mx.array, weights: mx.array, gate_up: ExpertBank,

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..compact import compact_matmul, quantized_matmul
 from ._metal import KernelSpec
+from .products import compact_matmul, quantized_matmul
 
 DECODE_MAX_TOKENS = 8  # token counts up to this use the matrix-vector kernels
 SORT_MIN_PAIRS = 64  # the MLX path sorts (token, slot) pairs by expert from this many pairs on

@@ -103,6 +103,9 @@ def decode_audio(source: AudioSource) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(handle) as f:
             rate = f.samplerate
+            if rate > 0 and f.frames > MAX_SAMPLES * rate / SAMPLING_RATE + rate:  # refused before it is decoded
+                raise AudioError(f"{what} is too long: {f.frames / rate:.2f} s; Gemma 4 takes at most "
+                                 f"{MAX_SAMPLES / SAMPLING_RATE:.0f} s per clip. Split it into clips of at most 30 s")
             data = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
         reason = str(e)

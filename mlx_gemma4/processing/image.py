@@ -32,6 +32,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import check_int
 from ..errors import MediaError
 from .media import file_or_bytes
 
@@ -276,10 +277,12 @@ class ImageProcessor:
         if d.get("do_normalize"):
             if list(d.get("image_mean", [0.0] * 3)) != [0.0] * 3 or list(d.get("image_std", [1.0] * 3)) != [1.0] * 3:
                 raise ValueError("Unsupported image normalization: only mean 0 / std 1 is implemented")
+        name = "processor_config.json image_processor."
         return cls(
             max_soft_tokens=d.get("max_soft_tokens", DEFAULT_SOFT_TOKENS),
-            patch_size=d.get("patch_size", PATCH_SIZE),
-            pooling_kernel_size=d.get("pooling_kernel_size", POOLING_KERNEL_SIZE),
+            patch_size=check_int(name + "patch_size", d.get("patch_size", PATCH_SIZE), 1, 1024),
+            pooling_kernel_size=check_int(name + "pooling_kernel_size", d.get("pooling_kernel_size",
+                                                                              POOLING_KERNEL_SIZE), 1, 64),
         )
 
     def preprocess_one(self, image: ImageLike, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:

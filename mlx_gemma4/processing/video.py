@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import check_int
 from ..errors import MediaError
 from .media import file_or_bytes
 from .image import (BOI_TOKEN, EOI_TOKEN, MAX_IMAGE_PIXELS, PATCH_SIZE, POOLING_KERNEL_SIZE, ImageLike, check_budget,
@@ -265,10 +266,12 @@ class VideoProcessor:
             raise ValueError(f"Unsupported video resample {d['resample']!r} (only 3 = bicubic is implemented)")
         if list(d.get("image_mean", [0.0] * 3)) != [0.0] * 3 or list(d.get("image_std", [1.0] * 3)) != [1.0] * 3:
             raise ValueError("Unsupported video normalization: only mean 0 / std 1 is implemented")
+        name = "processor_config.json video_processor."
         return cls(max_soft_tokens=d.get("max_soft_tokens", DEFAULT_VIDEO_SOFT_TOKENS),
-                   num_frames=d.get("num_frames", DEFAULT_NUM_FRAMES),
-                   patch_size=d.get("patch_size", PATCH_SIZE),
-                   pooling_kernel_size=d.get("pooling_kernel_size", POOLING_KERNEL_SIZE))
+                   num_frames=check_int(name + "num_frames", d.get("num_frames", DEFAULT_NUM_FRAMES), 1, 1024),
+                   patch_size=check_int(name + "patch_size", d.get("patch_size", PATCH_SIZE), 1, 1024),
+                   pooling_kernel_size=check_int(name + "pooling_kernel_size",
+                                                 d.get("pooling_kernel_size", POOLING_KERNEL_SIZE), 1, 64))
 
     def load(self, video, num_frames: int | None = None, fps: float | None = None) -> Frames:
         if isinstance(video, Frames):
