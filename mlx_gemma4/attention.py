@@ -66,10 +66,11 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, step: AttentionInputs, cache, shared_kv=None):
         """Returns (output, kv) where kv = (keys, values, k_start) is what this layer attended over,
         so KV-shared layers can reuse it."""
-        B, L, _ = x.shape
+        B, L, _ = x.shape  # x (B, L, H)
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), step.offset)
+        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), step.offset)  # (B, n_heads, L, D)
 
+        # keys, values (B, n_kv_heads, S, D): the S positions attended over, the first at absolute position k_start
         if shared_kv is not None:
             keys, values, k_start = shared_kv
         else:
@@ -92,9 +93,9 @@ class Attention(nn.Module):
         if block_ids is not None and window is not None and self.vision_blocks_on_all_layers:
             attend = window_or_block_attention
         out = attend(q, keys, values, scale=self.scale, q_start=step.offset, k_start=k_start, window=window,
-                     block_ids=block_ids)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out), (keys, values, k_start)
+                     block_ids=block_ids)  # (B, n_heads, L, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, n_heads * D)
+        return self.o_proj(out), (keys, values, k_start)  # (B, L, H)
 
 
 def window_or_block_attention(q, k, v, *, scale: float, q_start: int, k_start: int, window: int,

@@ -161,8 +161,8 @@ class SubSampleConvProjection(nn.Module):
         self.input_proj_linear = nn.Linear((c0 // 4) * c1, config.hidden_size, bias=False)
 
     def __call__(self, features: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-        x, mask = self.layer0(features[..., None], mask)
-        x, mask = self.layer1(x, mask)
+        x, mask = self.layer0(features[..., None], mask)  # (B, T, 128 mel bins, 1) -> (B, T/2, 64, c0)
+        x, mask = self.layer1(x, mask)  # (B, T/4, 32, c1)
         b, t, f, c = x.shape
         if f * c != self.input_proj_linear.weight.shape[1]:
             raise ValueError(
@@ -368,12 +368,13 @@ class AudioTower(nn.Module):
             feature_mask = mx.ones((b, t), dtype=mx.bool_)
         elif tuple(feature_mask.shape) != (b, t):
             raise ValueError(f"feature_mask shape {tuple(feature_mask.shape)} does not match features {(b, t)}")
+        # x (B, T', hidden) with T' = ceil(T / 4) frames after subsampling; mask (B, T') real frames
         x, mask = self.subsample_conv_projection(features, feature_mask.astype(mx.bool_))
-        positions = relative_position_embeddings(self.config, x.dtype)
-        attn_mask = self.attention_mask(mask)
+        positions = relative_position_embeddings(self.config, x.dtype)  # (context // 2 + 1, hidden)
+        attn_mask = self.attention_mask(mask)  # (B, 1, blocks, chunk, context)
         for layer in self.layers:
-            x = layer(x, positions, attn_mask)
-        return self.output_proj(x), mask
+            x = layer(x, positions, attn_mask)  # (B, T', hidden)
+        return self.output_proj(x), mask  # (B, T', output_proj_dims), (B, T')
 
     @staticmethod
     def sanitize(weights: dict[str, Any]) -> dict[str, Any]:

@@ -314,7 +314,6 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="local checkpoint dir, variant (e2b, e4b, 26b-a4b, 31b) or hub id")
     ap.add_argument("--context", type=int, required=True, help="tokens in the context (prompt + generated)")
     ap.add_argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: the checkpoint's)")
-    ap.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized KV cache")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
                     help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
     ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
@@ -329,7 +328,7 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
 
         config, directory = resolve_model(args.model)
         dtype = args.dtype or default_dtype_name()
-        est = estimate(config, args.context, bits=args.bits, kv_bits=args.kv_bits, dtype=dtype,
+        est = estimate(config, args.context, bits=args.bits, dtype=dtype,
                        chunk=args.chunk, directory=directory, weights_dtype=args.weights_dtype)
         print(f"model {args.model}, compute dtype {dtype}")
         print(format_estimate(est, args.context, args.ram))

@@ -137,6 +137,13 @@ def _rope_entry(d: dict, where: str) -> dict:
     }
 
 
+def last_cache_owner(layer_types: list[str], num_kv_shared_layers: int, kind: str) -> int | None:
+    """KV sharing: the last `num_kv_shared_layers` layers compute no keys/values of their own; each reads those of
+    the last earlier layer of its type, the one this returns (None when no layer of that type owns a cache)."""
+    first_shared = len(layer_types) - num_kv_shared_layers
+    return next((j for j in range(first_shared - 1, -1, -1) if layer_types[j] == kind), None)
+
+
 @dataclass
 class TextConfig:
     model_type: str
@@ -195,10 +202,10 @@ class TextConfig:
     def last_kv_layer(self, kind: str) -> int:
         """The last layer of type `kind` with a cache of its own: the KV that shared layers and MTP drafters read
         (transformers' kv_sharing_modes "store")."""
-        for j in range(self.first_kv_shared_layer - 1, -1, -1):
-            if self.layer_types[j] == kind:
-                return j
-        raise ConfigError(f"no {kind} layer owns a KV cache")
+        layer = last_cache_owner(self.layer_types, self.num_kv_shared_layers, kind)
+        if layer is None:
+            raise ConfigError(f"no {kind} layer owns a KV cache")
+        return layer
 
     def is_kv_shared(self, layer: int) -> bool:
         return layer >= self.first_kv_shared_layer

@@ -20,11 +20,11 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import backend
 from .loading import load_model, resolve_path
+from .safetensors_io import save_shards
 
 # Non-weight files a checkpoint ships that `load` and the processors read.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -39,29 +39,6 @@ def source_dtype(config: dict) -> str:
             if isinstance(d.get(key), str) and d[key] in ("float32", "bfloat16", "float16"):
                 return d[key]
     return "bfloat16"
-
-
-def save_shards(weights: dict[str, mx.array], out: Path, max_shard_bytes: int = 5 << 30) -> list[str]:
-    """Write weights into shards of at most max_shard_bytes (one tensor may exceed it) + an index."""
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name in sorted(weights):
-        w = weights[name]
-        if shards[-1] and size + w.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = w
-        size += w.nbytes
-    names = []
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
-        names.append(file)
-        weight_map.update({k: file for k in shard})
-    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
 
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ from mlx.utils import tree_flatten
 from . import backend
 from .config import ModelConfig, load_config
 from .errors import CheckpointError
-from .model import Gemma4
+from .model import Gemma4, is_tower_param
 from .compact import use_fast_products
+from .safetensors_io import read_header, weight_files
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -66,50 +65,11 @@ def resolve_path(path_or_repo: str | os.PathLike, revision: str | None = None) -
         raise FileNotFoundError(f"could not fetch {repo!r} from the Hugging Face Hub: {e}") from e
 
 
-def _check_safetensors(file: Path) -> list[str]:
-    """Validate a safetensors header against the file size; returns the tensor names."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file.name} is truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{file.name} is truncated: header says {n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file.name} is truncated: tensors need {8 + n + end} bytes, file has {size}")
-    return [k for k in header if k != "__metadata__"]
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (through the index when sharded), all checked to exist."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise CheckpointError(f"missing weight shards in {directory}: {', '.join(missing)}")
-        return [directory / f for f in files]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {directory}")
-    return files
-
-
 def read_weights(directory: Path) -> dict[str, mx.array]:
     """All tensors, memory-mapped lazily (nothing is read until used)."""
     weights: dict[str, mx.array] = {}
     for file in weight_files(directory):
-        _check_safetensors(file)
+        read_header(file)  # a truncated or corrupt file is a clear error, not one from mx.load
         try:
             weights.update(mx.load(str(file)))
         except Exception as e:
@@ -169,9 +129,6 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
-# parameter prefixes outside the decoder (vision_embedder: the 12B's encoder-free image front end)
-TOWERS = ("vision_tower", "audio_tower", "vision_embedder", "embed_vision", "embed_audio")
-
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
 # the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
 MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
@@ -210,7 +167,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if path.startswith(TOWERS):
+        if is_tower_param(path):
             return False  # towers stay in float: small, and their clipped linears need exact bounds
         rule = plan.get(path, True)
         if rule is False:
@@ -228,7 +185,7 @@ def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) 
     banks) in `compact`; norms, scalars and the towers in `compute`; integer (packed) tensors as stored."""
     if not mx.issubdtype(w.dtype, mx.floating):
         return w.dtype
-    if w.ndim >= 2 and not name.startswith(TOWERS):
+    if w.ndim >= 2 and not is_tower_param(name):
         return compact
     return compute
 

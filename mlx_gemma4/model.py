@@ -20,6 +20,16 @@ from .multimodal import MultimodalEmbedder
 from .text import TextModel
 
 
+# Gemma4's parameter groups outside the text decoder: the vision/audio towers and their embedders
+# (vision_embedder: the 12B's encoder-free image front end).
+TOWERS = ("vision_tower", "vision_embedder", "embed_vision", "audio_tower", "embed_audio")
+
+
+def is_tower_param(name: str) -> bool:
+    """Whether a parameter name (ours, or Hugging Face's `model.`-prefixed one) belongs to a tower."""
+    return name.removeprefix("model.").split(".", 1)[0] in TOWERS
+
+
 @dataclass
 class PreparedInputs:
     """A prompt ready for the decoder: ids for the PLE lookup (placeholders replaced by pad), merged

@@ -42,8 +42,9 @@ class Router(nn.Module):
         self.per_expert_scale = mx.ones((config.num_experts,))
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x (T, H) -> (indices (T, k) int32, weights (T, k) float32)."""
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale.astype(x.dtype) * self.root_size
-        indices, weights = route_top_k(self.proj(h), self.top_k, self.per_expert_scale)
+        indices, weights = route_top_k(self.proj(h), self.top_k, self.per_expert_scale)  # scores (T, E)
         if routing_observer is not None:
             routing_observer(self, indices)
         return indices, weights
@@ -59,6 +60,7 @@ class Experts(nn.Module):
         self.down_proj = mx.zeros((E, H, inter))
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x (T, H), indices and weights (T, k) -> (T, H): each token's k experts' outputs, weighted and summed."""
         return expert_glu(x, indices, weights, ExpertBank(self.gate_up_proj), ExpertBank(self.down_proj))
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, **kwargs) -> "QuantizedExperts":

@@ -29,24 +29,19 @@ from __future__ import annotations
 import copy
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
+from mlx.utils import tree_flatten
 
-from .memory import (
-    GROUP_SIZE,
-    is_quantizable,
-    layer_types_of,
-    quantized_specs,
-    text_config_of,
-    text_param_specs,
-)
+from .config import DRAFTER_TYPES, FULL, ModelConfig, last_cache_owner
+from .loading import build_model
+from .memory import GROUP_SIZE, is_quantizable, model_config_of, quantized_specs, text_config_of, text_param_specs
+from .model import is_tower_param
+from .safetensors_io import ShardedWriter
 
 POOL_SIZE = (1 << 22) + 3  # random values reused at random offsets (not a multiple of any row length)
 CHUNK_ELEMENTS = 1 << 24  # elements generated/quantized at once (32 MB of bf16)
-TOWER_PREFIXES = ("vision_tower.", "vision_embedder.", "embed_vision.", "audio_tower.", "embed_audio.")
-DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,12 +58,12 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
     if layers is not None:
         if not 1 <= layers <= n_orig:
             raise ValueError(f"--layers must be between 1 and {n_orig} for this variant, got {layers}")
-        types = layer_types_of(text)[:layers]
-        types[-1] = "full_attention"
-        shared_orig = int(text.get("num_kv_shared_layers") or 0)
-        shared = round(layers * shared_orig / n_orig)
-        # transformers requires every attention kind to have a cache-owning layer before the shared tail
-        while shared > 0 and set(types[: layers - shared]) != set(types):
+        parsed = model_config_of(config).text
+        types = parsed.layer_types[:layers]
+        types[-1] = FULL
+        shared = round(layers * parsed.num_kv_shared_layers / n_orig)
+        # every KV-shared layer needs a cache-owning layer of its kind before the shared tail
+        while shared > 0 and None in (last_cache_owner(types, shared, kind) for kind in types[layers - shared:]):
             shared -= 1
         text.update(num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=shared)
     if vocab is not None:
@@ -81,82 +76,6 @@ def shrink_config(config: dict, layers: int | None = None, vocab: int | None = N
         if "vocab_size_per_layer_input" in text:
             text["vocab_size_per_layer_input"] = vocab
     return config
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Streaming safetensors writer
-
-
-def _tensor_nbytes(shape, dtype: str) -> int:
-    return math.prod(shape) * {"BF16": 2, "F32": 4, "U32": 4, "I64": 8}[dtype]
-
-
-class ShardedWriter:
-    """Writes a known list of tensors into safetensors shards whose headers are written up front.
-
-    Each tensor is then filled in order, in row slices, so nothing bigger than a slice is ever in memory."""
-
-    def __init__(self, out: Path, entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int,
-                 metadata: dict | None = None):
-        self.out = out
-        shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-        size = 0
-        for key, shape, dtype in entries:
-            nbytes = _tensor_nbytes(shape, dtype)
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, shape, dtype))
-            size += nbytes
-        n = len(shards)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
-        self.location: dict[str, tuple[int, int, int]] = {}  # key -> (shard, begin, end) in file bytes
-        self.total = 0
-        for shard_index, (fname, tensors) in enumerate(zip(self.files, shards)):
-            header, offset = {}, 0
-            for key, shape, dtype in tensors:
-                nbytes = _tensor_nbytes(shape, dtype)
-                header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            header["__metadata__"] = dict(metadata or {"format": "mlx"})
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            start = 8 + len(raw)
-            with open(out / fname, "wb") as fh:
-                fh.write(struct.pack("<Q", len(raw)) + raw)
-                fh.truncate(start + offset)
-            for key, shape, dtype in tensors:
-                b, e = header[key]["data_offsets"]
-                self.location[key] = (shard_index, start + b, start + e)
-            self.total += offset
-        self._cursor = {key: loc[1] for key, loc in self.location.items()}
-        self._handles: dict[int, object] = {}
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        shard, _, end = self.location[key]
-        pos = self._cursor[key]
-        if pos + len(data) > end:
-            raise ValueError(f"{key}: writing past the tensor's end")
-        fh = self._handles.get(shard)
-        if fh is None:
-            for other in list(self._handles):  # tensors are written in order: at most one shard stays open
-                self._handles.pop(other).close()
-            fh = self._handles[shard] = open(self.out / self.files[shard], "r+b")
-        fh.seek(pos)
-        fh.write(data)
-        self._cursor[key] = pos + len(data)
-
-    def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
-        short = [k for k, (_, _, end) in self.location.items() if self._cursor[k] != end]
-        if short:
-            raise RuntimeError(f"tensors left incomplete: {short[:5]}")
-        if len(self.files) > 1:
-            weight_map = {key: self.files[loc[0]] for key, loc in self.location.items()}
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,44 +153,25 @@ def tower_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     specs = []
     for key, tensor in model.state_dict().items():
         name = key.removeprefix("model.")
-        if name.startswith(TOWER_PREFIXES):
+        if is_tower_param(name):
             specs.append((name, tuple(tensor.shape)))
     return specs
 
 
 def unified_embedder_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the 12B's image and audio front ends (mlx_gemma4.unified), as its checkpoint names them."""
-    H = text_config_of(config)["hidden_size"]
-    specs = []
-    vision, audio = config.get("vision_config"), config.get("audio_config")
-    if vision:
-        patch = 3 * (vision.get("patch_size", 16) * vision.get("pooling_kernel_size", 3)) ** 2
-        E = vision.get("mm_embed_dim", 3840)
-        specs += [("vision_embedder.patch_ln1.weight", (patch,)), ("vision_embedder.patch_ln1.bias", (patch,)),
-                  ("vision_embedder.patch_dense.weight", (E, patch)), ("vision_embedder.patch_dense.bias", (E,)),
-                  ("vision_embedder.patch_ln2.weight", (E,)), ("vision_embedder.patch_ln2.bias", (E,)),
-                  ("vision_embedder.pos_embedding", (vision.get("mm_posemb_size", 1120), 2, E)),
-                  ("vision_embedder.pos_norm.weight", (E,)), ("vision_embedder.pos_norm.bias", (E,)),
-                  ("embed_vision.embedding_projection.weight", (H, vision.get("output_proj_dims", E)))]
-    if audio:
-        specs.append(("embed_audio.embedding_projection.weight", (H, audio.get("audio_embed_dim", 640))))
-    return specs
+    """(name, shape) of the 12B's image and audio front ends, read off our module tree (mlx_gemma4.unified; the
+    names are its checkpoint's), built lazily."""
+    model = build_model(ModelConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters()) if is_tower_param(name)]
 
 
 def drafter_param_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of an MTP drafter (mlx_gemma4.drafter; the same names as its Hugging Face checkpoint)."""
-    text = dict(text_config_of(config))
-    text["num_kv_shared_layers"] = text["num_hidden_layers"]  # Q-only layers: no k/v projections
-    H, V = text["hidden_size"], text["vocab_size"]
-    Hb = config["backbone_hidden_size"]
-    specs = [("model." + name.removeprefix("language_model."), shape) for name, shape in text_param_specs(text)]
-    specs += [("pre_projection.weight", (H, 2 * Hb)), ("post_projection.weight", (Hb, H))]
-    if not config.get("tie_word_embeddings", True):
-        specs.append(("lm_head.weight", (V, H)))
-    if config.get("use_ordered_embeddings"):
-        specs += [("masked_embedding.centroids.weight", (config.get("num_centroids", 2048), H)),
-                  ("masked_embedding.token_ordering", (V,))]
-    return specs
+    """(name, shape) of an MTP drafter, read off mlx_gemma4.drafter's module tree (the same names as its Hugging
+    Face checkpoint), built lazily."""
+    from .drafter import Drafter, DrafterConfig
+
+    model = Drafter(DrafterConfig.from_dict(config))
+    return [(name, tuple(w.shape)) for name, w in tree_flatten(model.parameters())]
 
 
 def checkpoint_entries(specs, bits: int | None, group_size: int = GROUP_SIZE):
@@ -305,7 +205,7 @@ def write_checkpoint(config: dict, out: str | Path, *, bits: int | None = None, 
     if drafter:
         specs = drafter_param_specs(config)
     else:
-        specs = text_param_specs(text_config_of(config))
+        specs = text_param_specs(config)
         if towers:
             specs += tower_param_specs(config)
         else:

@@ -1,6 +1,18 @@
 """The Gemma 4 text decoder: scaled embeddings, per-layer embeddings (PLE), hybrid sliding/global decoder
 layers with optional MoE, final norm, tied LM head and logit soft-capping.
 
+Forward pass, in call order (B batch, L new tokens, H hidden size, V vocabulary):
+
+  model.py       Gemma4.__call__(ids (B, L)) -> logits (B, L, V). With images/audio, prepare_inputs first runs
+                 vision.py / audio.py and multimodal.py's embedders and puts their soft tokens in the embeddings.
+  text.py        TextModel.__call__: scaled token embeddings (B, L, H) and PLE inputs (B, L, layers, P), then
+                 each DecoderLayer: norm -> attention -> norm, residual -> MLP (+ MoE) -> norm, residual
+                 -> PLE gate -> layer_scalar; final norm. Gemma4.logits: tied LM head, soft-capping.
+  attention.py   Attention: q/k/v projections, q/k/v norms (norm.py), RoPE (rope.py), the layer's KV cache
+                 (cache.py; KV-shared layers read their producer's keys/values), kernels/ windowed_attention.
+  mlp.py         MLP: the dense GeGLU feed-forward.
+  moe.py         Router (top-k of the experts per token) and Experts (kernels/ expert_glu over the bank).
+
 Reference: transformers' `Gemma4TextModel`, `Gemma4TextDecoderLayer`, `Gemma4ForCausalLM`.
 """
 
@@ -44,20 +56,20 @@ class DecoderLayer(nn.Module):
 
     def feed_forward(self, x: mx.array) -> mx.array:
         """Dense MLP, plus (MoE layers) the routed experts added after their own norms."""
-        h = self.mlp(self.pre_feedforward_layernorm(x))
+        h = self.mlp(self.pre_feedforward_layernorm(x))  # (B, L, H)
         if not self.has_moe:
             return h
-        flat = x.reshape(-1, x.shape[-1])
-        indices, weights = self.router(flat)
+        flat = x.reshape(-1, x.shape[-1])  # (T, H), T = B * L tokens
+        indices, weights = self.router(flat)  # (T, k) expert ids, (T, k) float32 weights
         routed = self.experts(self.pre_feedforward_layernorm_2(flat), indices, weights).reshape(x.shape)
         return self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(routed)
 
     def __call__(self, x, step: AttentionInputs, cache, per_layer_input=None, shared_kv=None):
-        h, kv = self.self_attn(self.input_layernorm(x), step, cache, shared_kv)
+        h, kv = self.self_attn(self.input_layernorm(x), step, cache, shared_kv)  # h (B, L, H)
         x = x + self.post_attention_layernorm(h)
         x = x + self.post_feedforward_layernorm(self.feed_forward(x))
         if self.ple_dim:
-            gate = nn.gelu_approx(self.per_layer_input_gate(x)) * per_layer_input
+            gate = nn.gelu_approx(self.per_layer_input_gate(x)) * per_layer_input  # (B, L, P)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         if "layer_scalar" in self:
             x = x * self.layer_scalar.astype(x.dtype)
@@ -107,8 +119,8 @@ class TextModel(nn.Module):
         inputs_embeds optionally overrides the token embeddings (merged image/audio features).
         Returns final-normed hidden states (B, L, H), or (B, 1, H) with last_only."""
         cfg = self.config
-        x = self.embed(ids) if inputs_embeds is None else inputs_embeds
-        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
+        x = self.embed(ids) if inputs_embeds is None else inputs_embeds  # (B, L, H)
+        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None  # (B, L, layers, P)
         if cache is None:
             cache = [None] * len(self.layers)
         offset = next((c.offset for c in cache if c is not None), 0)

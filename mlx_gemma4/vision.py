@@ -162,15 +162,15 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
-        B, P, _ = x.shape
+        B, P, _ = x.shape  # x (B images, P patches, hidden)
         q = self.q_norm(self.q_proj(x).reshape(B, P, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(B, P, self.num_kv_heads, self.head_dim))
         v = self.v_norm(self.v_proj(x).reshape(B, P, self.num_kv_heads, self.head_dim))
-        q = apply_axial_rope(q, cos, sin).transpose(0, 2, 1, 3)
-        k = apply_axial_rope(k, cos, sin).transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))
+        q = apply_axial_rope(q, cos, sin).transpose(0, 2, 1, 3)  # (B, heads, P, D)
+        k = apply_axial_rope(k, cos, sin).transpose(0, 2, 1, 3)  # (B, kv_heads, P, D)
+        v = v.transpose(0, 2, 1, 3)  # (B, kv_heads, P, D)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)  # (B, heads, P, D)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))  # (B, P, hidden)
 
 
 class MLP(nn.Module):
@@ -281,14 +281,14 @@ class VisionTower(nn.Module):
     def __call__(self, pixel_values: mx.array, position_ids: mx.array) -> mx.array:
         """(B, P, 3*p*p) pixels in [0, 1], (B, P, 2) positions -> (total soft tokens, hidden)."""
         _check_inputs(pixel_values, position_ids, self.config)
-        valid = mx.logical_not(mx.all(position_ids == -1, axis=-1))
-        x = self.patch_embedder(pixel_values, position_ids, valid)
-        x = self.encoder(x, position_ids, valid)
-        pooled, counts = self.pool(x, position_ids, valid)
+        valid = mx.logical_not(mx.all(position_ids == -1, axis=-1))  # (B, P): real patch, not padding
+        x = self.patch_embedder(pixel_values, position_ids, valid)  # (B, P, hidden)
+        x = self.encoder(x, position_ids, valid)  # (B, P, hidden)
+        pooled, counts = self.pool(x, position_ids, valid)  # (B, P / k^2, hidden), (B, P / k^2)
         pooled = pooled * math.sqrt(self.config.hidden_size)
         # Drop padding cells (data-dependent shape: gather the indices of the cells that received patches).
         keep = np.flatnonzero(np.array(counts).reshape(-1) > 0)
-        soft = pooled.reshape(-1, pooled.shape[-1])[mx.array(keep)]
+        soft = pooled.reshape(-1, pooled.shape[-1])[mx.array(keep)]  # (soft tokens of all images, hidden)
         if self.config.standardize:
             soft = (soft - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return soft.astype(x.dtype)
