@@ -6,7 +6,7 @@ Rows: float32 / bfloat16 / float16 dense matmul, and MLX's quantized matmul (4- 
 bf16 and float32 activations and scales, plus "dequantize then float32 matmul" and the product the model
 actually runs (`mlx_gemma4.kernels.products.quantized_matmul`: quantized below UNPACK_MIN_ROWS rows, unpacked + sgemm
 from there on the CPU). Shapes are M x K x N (x: M x K, weight: N x K as in a Linear). The backend policy
-(`mlx_gemma4.backend.describe_policy`) is printed at the end; this table is the evidence for it.
+(`mlx_gemma4.runtime.RuntimePolicy.describe`) is printed at the end; this table is the evidence for it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mlx_gemma4  # noqa: E402  (preloads the optimized BLAS before mlx.core)
-from mlx_gemma4 import backend  # noqa: E402
+from mlx_gemma4 import runtime  # noqa: E402
 from mlx_gemma4.kernels import products  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -101,12 +101,12 @@ def main(argv=None):
     ap.add_argument("--cap-s", type=float, default=5.0, help="extrapolate paths slower than this from M=8")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    print(f"MLX {mx.__version__}, device {mx.default_device()}, BLAS: {backend.blas_in_use}")
+    print(f"MLX {mx.__version__}, device {mx.default_device()}, BLAS: {runtime.blas_in_use}")
     print("| M x K x N | path | ms | GFLOP/s |\n|---|---|---:|---:|")
     for r in measure(shapes, args.repeat, args.cap_s):
         mark = "~" if r["extrapolated"] else ""
         print(f"| {r['shape']} | {r['path']} | {mark}{r['ms']:.2f} | {mark}{r['gflops']:.2f} |", flush=True)
-    print(f"\npolicy: {backend.describe_policy()}")
+    print(f"\npolicy: {runtime.RuntimePolicy.from_arguments().describe()}")
 
 
 if __name__ == "__main__":

@@ -242,11 +242,11 @@ def _machine() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version()}
     try:
         import mlx_gemma4  # noqa: F401
-        from mlx_gemma4 import backend
+        from mlx_gemma4 import runtime
 
         import mlx.core as mx
 
-        info.update(mlx=mx.__version__, policy=backend.describe_policy())
+        info.update(mlx=mx.__version__, policy=runtime.RuntimePolicy.from_arguments().describe())
     except Exception as e:  # noqa: BLE001 - informational only
         info["mlx"] = f"unavailable ({e})"
     try:

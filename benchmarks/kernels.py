@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mlx_gemma4  # noqa: E402  (BLAS preload before mlx.core)
 import mlx.core as mx  # noqa: E402
 
-from mlx_gemma4 import backend as _backend  # noqa: E402
+from mlx_gemma4 import runtime  # noqa: E402
 from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, windowed_attention  # noqa: E402
 from mlx_gemma4.kernels.sliding_attention import dense_attention_mlx, visibility  # noqa: E402
 
@@ -146,10 +146,10 @@ def main():
     if args.quick:
         sizes = [512, 1024]
     metal = bool(mx.metal.is_available())
-    cpu_dtype = mx.float32  # MLX's CPU backend is fastest in float32 (see mlx_gemma4/backend.py)
+    cpu_dtype = mx.float32  # MLX's CPU backend is fastest in float32 (see mlx_gemma4/runtime.py)
     dtype = mx.bfloat16 if metal else cpu_dtype
     print(f"device: {'Metal GPU' if metal else 'CPU'} ({platform.machine()}, {os.cpu_count()} cores), "
-          f"mlx {mx.__version__}, BLAS: {_backend.blas_in_use}")
+          f"mlx {mx.__version__}, BLAS: {runtime.blas_in_use}")
     if not metal:
         print("Metal is absent on this machine: Metal-kernel rows time the MLX path instead.")
     print()

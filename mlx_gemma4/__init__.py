@@ -1,6 +1,6 @@
 """mlx-gemma4: Google's Gemma 4 family on Apple MLX."""
 
-from .backend import preload_blas as _preload_blas
+from .runtime import preload_blas as _preload_blas
 
 _preload_blas()  # must run before the first `import mlx.core`
 

@@ -315,7 +315,7 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--context", type=int, required=True, help="tokens in the context (prompt + generated)")
     ap.add_argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: the checkpoint's)")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
-                    help="compute dtype (default: the backend policy's choice, see mlx_gemma4.backend)")
+                    help="compute dtype (default: the runtime policy's choice, see mlx_gemma4.runtime)")
     ap.add_argument("--weights-dtype", default=None, choices=sorted(DTYPE_BYTES),
                     help="storage dtype of float weights when narrower than the compute dtype (load(weights_dtype=...))")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")

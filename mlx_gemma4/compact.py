@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from .kernels.products import compact_matmul, quantized_matmul
 
@@ -45,16 +46,29 @@ class CompactEmbedding(nn.Embedding):
         return compact_matmul(x, self.weight)
 
 
-def use_fast_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
-    """Give the model's linears and embeddings the compact-aware products, in place (weights are shared):
-    every `nn.QuantizedLinear`, and with `compute_dtype` every float `nn.Linear` / `nn.Embedding`."""
+def _as(cls, module: nn.Module) -> nn.Module:
+    """A `cls` module holding `module`'s arrays and settings (the subclasses add products, no state)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    dict.update(new, module)
+    return new
+
+
+def use_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
+    """Put the compact-aware products into the model's tree, as `nn.quantize` puts its quantized layers: every
+    `nn.QuantizedLinear` becomes a `QuantizedLinear` and, with `compute_dtype` (float weights stored narrower), every
+    float `nn.Linear` / `nn.Embedding` a `CompactLinear` / `CompactEmbedding`, holding the same arrays."""
     swaps = {nn.QuantizedLinear: QuantizedLinear}
     if compute_dtype is not None:
         swaps.update({nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding})
-    for _, module in model.named_modules():
-        # the subclasses add behaviour only (no state), so switching the class keeps the module as loaded
-        new_class = swaps.get(type(module))
-        if new_class is not None:
-            module.__class__ = new_class
-        if isinstance(module, CompactEmbedding):
-            module.compute_dtype = compute_dtype
+
+    def choose(_, module):
+        cls = swaps.get(type(module))
+        if cls is None:
+            return module
+        new = _as(cls, module)
+        if cls is CompactEmbedding:
+            new.compute_dtype = compute_dtype
+        return new
+
+    model.update_modules(tree_map_with_path(choose, model.leaf_modules(), is_leaf=nn.Module.is_module))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from . import backend
 from .loading import load_model, resolve_path
+from .runtime import RuntimePolicy
 from .safetensors_io import save_shards
 
 # Non-weight files a checkpoint ships that `load` and the processors read.
@@ -55,8 +55,9 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
         raise ValueError("--recipe needs --bits")
     raw = json.loads((src_path / "config.json").read_text())
     dtype = dtype or source_dtype(raw)
-    target = backend.resolve_dtype(dtype)
-    model = load_model(src_path, dtype=target, quantize=bits, group_size=group_size, recipe=recipe)
+    policy = RuntimePolicy.from_arguments(dtype)
+    target = policy.dtype
+    model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy)
 
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))

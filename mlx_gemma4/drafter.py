@@ -20,6 +20,7 @@ Reference: transformers' `Gemma4AssistantForCausalLM`, `Gemma4AssistantMaskedEmb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
 from .attention import AttentionInputs
 from .config import DRAFTER_TYPES, SLIDING, ConfigError, TextConfig
 from .norm import RMSNorm
+from .runtime import RuntimePolicy
 from .text import DecoderLayer
 
 # drafter type -> the target model types it drafts for
@@ -138,6 +139,7 @@ class Drafter(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
+        self.policy = None  # the RuntimePolicy load_drafter() gives it (mlx_gemma4.runtime), applied in __call__
         text = config.text
         self.model = DrafterStack(text)
         for layer in self.model.layers:
@@ -171,6 +173,10 @@ class Drafter(nn.Module):
         """One draft step. inputs_embeds (B, 1, 2 * backbone): concat(target's scaled token embedding, hidden);
         target_kv: {layer type: (keys, values)} from `target_kv(...)`; position: p.
         Returns (logits (B, 1, vocab), next hidden (B, 1, backbone))."""
+        with self.policy.applied() if self.policy is not None else contextlib.nullcontext():
+            return self._step(inputs_embeds, target_kv, position)
+
+    def _step(self, inputs_embeds: mx.array, target_kv: dict, position: int) -> tuple[mx.array, mx.array]:
         x = self.pre_projection(inputs_embeds)
         step = AttentionInputs(offset=position)
         # transformers' bidirectional sliding mask is inclusive (|q - k| <= window), flipped to look back from p:
@@ -271,7 +277,10 @@ def load_drafter(path_or_repo: str | os.PathLike, target=None, *, dtype: mx.Dtyp
     check_weights(drafter, weights)
     if target is not None and dtype is None:
         dtype = target.dtype
-    compute = backend.resolve_dtype(dtype, quantized=bool(config.quantization))
+    policy = RuntimePolicy.from_arguments(dtype)
+    if target is not None and target.policy is not None:  # the target's kernel choices, at this dtype
+        policy = dataclasses.replace(target.policy, dtype=policy.dtype, weights_dtype=policy.dtype)
+    compute = policy.dtype
     weights = {k: (v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     drafter.load_weights(list(weights.items()), strict=False)
     ordering = drafter.masked_embedding.token_ordering if "masked_embedding" in drafter else None
@@ -280,6 +289,7 @@ def load_drafter(path_or_repo: str | os.PathLike, target=None, *, dtype: mx.Dtyp
         seen = mx.zeros((vocab,), mx.int32).at[ordering].add(1)
         if ordering.min().item() < 0 or ordering.max().item() >= vocab or not mx.all(seen == 1).item():
             raise CheckpointError("masked_embedding.token_ordering is not a permutation of the vocabulary")
+    drafter.policy = policy
     drafter.eval()
     if not lazy:
         mx.eval(drafter.parameters())

@@ -5,20 +5,19 @@
     trace.choices(layer)      # (tokens, top_k) expert ids in the order the tokens went through the model
     trace.usage()             # (moe_layers, num_experts) how many tokens each expert served
 
-Recording hooks `moe.routing_observer`: it keeps the router's lazy index arrays and reads them only when asked,
-so it adds no synchronization to the forward pass. One recording at a time (the observer is global).
+Recording sets each router's `observer`: it keeps the router's lazy index arrays and reads them only when asked,
+so it adds no synchronization to the forward pass. One recording of a model at a time.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
-
-from . import moe
 
 
 @dataclass
@@ -72,19 +71,15 @@ def record_expert_choices(model) -> Iterator[ExpertTrace]:
     layers = moe_layers(model)
     if not layers:
         raise ValueError("this model has no mixture-of-experts layers (only the 26B A4B variant routes to experts)")
-    if moe.routing_observer is not None:
+    routers = {i: model.language_model.layers[i].router for i in layers}
+    if any(router.observer is not None for router in routers.values()):
         raise RuntimeError("expert choices are already being recorded (one recording at a time)")
     text = model.text_config
     trace = ExpertTrace(layers, text.num_experts, text.top_k_experts)
-    layer_of = {id(model.language_model.layers[i].router): i for i in layers}
-
-    def observe(router, indices):
-        layer = layer_of.get(id(router))
-        if layer is not None:
-            trace._record(layer, indices)
-
-    moe.routing_observer = observe
+    for layer, router in routers.items():
+        router.observer = functools.partial(trace._record, layer)
     try:
         yield trace
     finally:
-        moe.routing_observer = None
+        for router in routers.values():
+            router.observer = None

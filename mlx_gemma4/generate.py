@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
-from . import backend
+from . import runtime
 from .engine import generate_step, media_after, reply_room
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, make_logits_processors, make_sampler
@@ -94,7 +94,7 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
 
     limit = min(max_tokens, reply_room(model, prompt_cache, len(new_ids)))  # fails fast on a prompt too long
 
-    stats = GenerationStats(prompt_tokens=len(new_ids), cached_tokens=cached, blas=backend.blas_in_use)
+    stats = GenerationStats(prompt_tokens=len(new_ids), cached_tokens=cached, blas=runtime.blas_in_use)
     detok = processor.tokenizer.detokenizer(skip_special=skip_special_tokens)
     mx.reset_peak_memory()
     start = time.perf_counter()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 
-from .errors import CheckpointError
+import numpy as np
+
+from .errors import CheckpointError, ConfigError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MIN_BITS_PER_PARAMETER = 2  # the smallest quantization any supported layout stores (2-bit + scales is more)
@@ -105,3 +107,28 @@ def check_against_tensors(config, shapes: dict[str, tuple[int, ...]], total_byte
             f"{total_bytes:,} bytes")
 
 
+# -- GGUF headers ---------------------------------------------------------------------------------------------
+MAX_GGUF_ALIGNMENT = 1 << 16
+
+
+def check_gguf_alignment(value, path) -> int:
+    """general.alignment: a power of two (llama.cpp's rule), at most 64 KiB."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value & (value - 1) \
+            or value > MAX_GGUF_ALIGNMENT:
+        raise CheckpointError(f"{path}: general.alignment = {value!r} must be a power of two <= {MAX_GGUF_ALIGNMENT}")
+    return int(value)
+
+
+def check_block_count(value, tensor_names, path) -> int:
+    """A GGUF's `<arch>.block_count`, checked before any per-layer list is built: an integer in
+    [1, MAX_LAYERS] that equals the number of `blk.N.` tensor blocks the file holds."""
+    from .config import MAX_LAYERS
+
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_LAYERS:
+        raise ConfigError(f"{path}: GGUF metadata block_count = {value!r} is out of range (allowed: 1 <= "
+                          f"block_count <= {MAX_LAYERS})")
+    blocks = {int(n.split(".")[1]) for n in tensor_names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if blocks and max(blocks) + 1 != value:
+        raise CheckpointError(f"{path}: GGUF metadata block_count = {value}, but the file holds tensors for blocks "
+                              f"0..{max(blocks)}")
+    return int(value)

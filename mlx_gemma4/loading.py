@@ -20,12 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import backend
 from .config import ModelConfig, load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, InputError
+from .limits import check_against_tensors
 from .model import Gemma4, is_tower_param
-from .compact import use_fast_products
-from .safetensors_io import read_header, weight_files
+from .compact import use_products
+from .runtime import RuntimePolicy
+from .safetensors_io import read_header, tensor_bytes, weight_files
 
 # Files a checkpoint needs from the Hub (weights, configs, tokenizer, templates, processor settings).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -177,7 +178,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
         return _quantizable(module, gs) and {"group_size": gs, "bits": bits}
 
     nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
-    use_fast_products(model)
+    use_products(model)
 
 
 def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) -> mx.Dtype:
@@ -197,36 +198,37 @@ def build_model(config: ModelConfig) -> Gemma4:
     return Gemma4(config)
 
 
-def load_model(path: Path, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
-               group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
-               weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
+def load_model(path: Path, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
+               lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
     config = load_config(path)
-    return model_from_weights(config, read_weights(path), path, dtype, quantize, group_size, recipe, lazy,
-                              weights_dtype=weights_dtype)
+    header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
+    check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
+    return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
-                       dtype: mx.Dtype | str | None = None, quantize: int | None = None, group_size: int = 64,
-                       recipe: str = "uniform", lazy: bool = False, *,
-                       weights_dtype: mx.Dtype | str | None = None) -> Gemma4:
+                       quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
+                       lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
 
-    dtype: the compute dtype (backend.resolve_dtype); weights_dtype: the storage dtype of the text decoder's float
-    weight matrices (backend.resolve_weights_dtype; e.g. bfloat16 under float32 compute); quantized models ignore it.
+    policy (default: RuntimePolicy.from_arguments()): its compute dtype, and the storage dtype of the text
+    decoder's float weight matrices (e.g. bfloat16 under float32 compute; quantized models ignore it). The model
+    keeps it as `model.policy` and applies its kernel choices around its forward pass.
 
     Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
     as its cast copy exists, so loading never holds the checkpoint twice."""
+    policy = policy or RuntimePolicy.from_arguments()
     model = build_model(config)
     weights = sanitize(hf_weights, model)
     hf_weights.clear()
     if config.quantization:
         apply_quantization(model, config.quantization)
-    target = backend.resolve_dtype(dtype, quantized=bool(config.quantization or quantize))
+    target = policy.dtype
     check_weights(model, weights)
     # quantized models are compact already: their scales and biases (and the matrices about to be quantized) stay
     # in the compute dtype, which is what the quantized products expect
     quantized = bool(quantize or config.quantization)
-    compact = target if quantized else backend.resolve_weights_dtype(weights_dtype, target)
+    compact = target if quantized else policy.weights_dtype
     weights = {k: v.astype(storage_dtype(k, v, target, compact)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     del weights
@@ -237,7 +239,8 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         apply_quantization(model, plan)
         config.quantization = plan
     if compact != target:
-        use_fast_products(model, target)  # products that upcast compact weights (mlx_gemma4.compact)
+        use_products(model, target)  # products that upcast compact weights (mlx_gemma4.compact)
+    model.policy = policy
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
@@ -246,17 +249,20 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
          group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None, *,
-         weights_dtype: mx.Dtype | str | None = None):
+         weights_dtype: mx.Dtype | str | None = None, kernels: str | None = None, unpack_rows: int | None = None):
     """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer.
 
-    dtype is the compute dtype; weights_dtype="bfloat16" keeps float weight matrices in bfloat16 under float32
-    compute (half the memory; see mlx_gemma4.compact). Also takes a llama.cpp `.gguf` file, or "demo" for the
-    offline demo model (see load_gguf)."""
+    The runtime policy (mlx_gemma4.runtime; `model.policy`) comes from the arguments, the MLX_GEMMA4_* environment
+    variables being their defaults: dtype is the compute dtype; weights_dtype="bfloat16" keeps float weight matrices
+    in bfloat16 under float32 compute (half the memory; see mlx_gemma4.compact); kernels is the kernel backend
+    (auto | metal | mlx); unpack_rows the row count from which CPU products unpack compact weights (0: never).
+    Also takes a llama.cpp `.gguf` file, or "demo" for the offline demo model (see load_gguf)."""
+    policy = RuntimePolicy.from_arguments(dtype, weights_dtype, kernels, unpack_rows)
     gguf_file = resolve_gguf(path_or_repo)
     if gguf_file is not None:
-        return load_gguf(gguf_file, dtype, quantize, group_size, recipe, lazy, weights_dtype=weights_dtype)
+        return load_gguf(gguf_file, quantize, group_size, recipe, lazy, policy=policy)
     path = resolve_path(path_or_repo, revision)
-    model = load_model(path, dtype, quantize, group_size, recipe, lazy, weights_dtype=weights_dtype)
+    model = load_model(path, quantize, group_size, recipe, lazy, policy=policy)
     return model, load_processor(path, model.config)
 
 
@@ -286,22 +292,27 @@ def resolve_gguf(path_or_repo: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_gguf(path: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
-              group_size: int = 64, recipe: str = "uniform", lazy: bool = False, *,
-              weights_dtype: mx.Dtype | str | None = None):
-    """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then `dtype`, or re-quantized to MLX's
-    format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
+def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
+              lazy: bool = False, *, policy: RuntimePolicy | None = None):
+    """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then the policy's dtype, or re-quantized to
+    MLX's format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
     from . import gguf
 
+    policy = policy or RuntimePolicy.from_arguments()
     gf = gguf.open_gguf(path)
-    config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    try:
+        config = ModelConfig.from_dict(gguf.gguf_config(gf))
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a metadata value of the wrong kind
+        raise ConfigError(f"{path}: the GGUF metadata does not describe a usable model ({type(e).__name__}: {e})") \
+            from e
+    check_against_tensors(config, gguf.hf_tensor_shapes(gf), sum(t.nbytes for t in gf.tensors.values()), str(path))
     # tensor by tensor into the target dtype: never the whole model in float32 at once
-    target = backend.resolve_dtype(dtype, quantized=bool(quantize))
     weights = {}
     for name, value in gguf.iter_weights(gf):
-        weights[name] = mx.array(value).astype(target)
+        weights[name] = mx.array(value).astype(policy.dtype)
         mx.eval(weights[name])
-    model = model_from_weights(config, weights, Path(path), dtype, quantize, group_size, recipe, lazy,
-                               weights_dtype=weights_dtype)
+    model = model_from_weights(config, weights, Path(path), quantize, group_size, recipe, lazy, policy=policy)
     return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
 

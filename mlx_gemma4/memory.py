@@ -306,10 +306,10 @@ def format_estimate(est: MemoryEstimate, context: int, ram_gib: float | None = N
 
 
 def default_dtype_name() -> str:
-    """The compute dtype the loader would pick here (mlx_gemma4.backend.resolve_dtype), as a name."""
-    from .backend import resolve_dtype
+    """The compute dtype the loader would pick here (mlx_gemma4.runtime.RuntimePolicy), as a name."""
+    from .runtime import RuntimePolicy
 
-    return str(resolve_dtype()).replace("mlx.core.", "")
+    return str(RuntimePolicy.from_arguments().dtype).replace("mlx.core.", "")
 
 
 if __name__ == "__main__":  # the command line lives in cli.py

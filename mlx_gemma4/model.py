@@ -9,6 +9,7 @@ Reference: `Gemma4Model.forward`, `Gemma4ForConditionalGeneration`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -80,6 +81,7 @@ class Gemma4(nn.Module):
         super().__init__()
         self.config = config
         self.text_config = config.text
+        self.policy = None  # the RuntimePolicy load() gives the model (mlx_gemma4.runtime), applied in __call__
         self.language_model = TextModel(config.text)
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
@@ -197,9 +199,10 @@ class Gemma4(nn.Module):
             # As transformers' Gemma4Model: placeholder ids without their features embed as padding.
             is_mm = mx.any(input_ids[..., None] == self._placeholder_ids, axis=-1)
             input_ids = mx.where(is_mm, self.text_config.pad_token_id, input_ids)
-        h = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, block_ids=block_ids,
-                                last_only=last_only)
-        return self.logits(h)
+        with self.policy.applied() if self.policy is not None else contextlib.nullcontext():
+            h = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, block_ids=block_ids,
+                                    last_only=last_only)
+            return self.logits(h)
 
     def check_ids(self, input_ids) -> mx.array:
         """(B, L) int ids in range. Host inputs are always checked; lazy device arrays only for prompts

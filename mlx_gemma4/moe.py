@@ -17,11 +17,6 @@ import mlx.nn as nn
 from .config import TextConfig
 from .kernels import ExpertBank, expert_glu
 
-# Optional observer of routing decisions, called as observer(router, indices) after every Router call when set.
-# Only `expert_trace.record_expert_choices` sets it (the app's and notebooks' expert plots); None costs nothing.
-routing_observer = None
-
-
 def route_top_k(scores: mx.array, k: int, per_expert_scale: mx.array) -> tuple[mx.array, mx.array]:
     """(T, E) router logits -> (indices (T, k) int32, weights (T, k) float32)."""
     probs = mx.softmax(scores.astype(mx.float32), axis=-1)
@@ -40,13 +35,16 @@ class Router(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
+        # called as observer(indices) after every call when set: expert_trace.record_expert_choices (the app's and
+        # notebooks' expert plots); None costs nothing
+        self.observer = None
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x (T, H) -> (indices (T, k) int32, weights (T, k) float32)."""
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale.astype(x.dtype) * self.root_size
         indices, weights = route_top_k(self.proj(h), self.top_k, self.per_expert_scale)  # scores (T, E)
-        if routing_observer is not None:
-            routing_observer(self, indices)
+        if self.observer is not None:
+            self.observer(indices)
         return indices, weights
 
 

@@ -13,11 +13,11 @@ import math
 import struct
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1}
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def read_header(file: Path) -> dict[str, dict]:
@@ -34,13 +34,49 @@ def read_header(file: Path) -> dict[str, dict]:
             raise CheckpointError(f"{file.name} is truncated: header says {n} bytes, file has {size}")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file.name} is truncated: tensors need {8 + n + end} bytes, file has {size}")
-    return header
+    return check_header(header, file, size - 8 - n)
+
+
+MAX_TENSOR_DIMS = 8
+
+
+def check_header(header, file: Path, data_bytes: int) -> dict[str, dict]:
+    """A parsed header checked entry by entry: {name: {"dtype", "shape", "data_offsets"}} with a known dtype, a
+    shape of non-negative integers, and offsets inside the file's `data_bytes` spanning exactly the shape's
+    bytes; CheckpointError naming the file and the tensor otherwise. Returns it without `__metadata__`."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file.name}: the safetensors header must be a JSON object, not a "
+                              f"{type(header).__name__}")
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{file.name}: tensor {key!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: its header entry must be an object, not {type(info).__name__}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r:.40}")
+        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: the shape must be a list of at most {MAX_TENSOR_DIMS} non-negative "
+                                  f"integers, got {shape!r:.80}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got "
+                                  f"{offsets!r:.80}")
+        if offsets[1] > data_bytes:
+            raise CheckpointError(f"{file.name} is truncated: tensor {key!r} needs bytes up to {offsets[1]} of the "
+                                  f"data, the file holds {data_bytes}")
+        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise CheckpointError(f"{where}: shape {shape} of {dtype} is {expected} bytes, but its data_offsets span "
+                                  f"{offsets[1] - offsets[0]}")
+        tensors[key] = info
+    return tensors
 
 
 def tensor_bytes(header: dict[str, dict], keep=None) -> int:
@@ -53,10 +89,11 @@ def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint (through the index when sharded), all checked to exist."""
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and f not in (".", "..")
+                                                       for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must map tensor names "
+                                  "to file names in the checkpoint directory")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (directory / f).exists()]
         if missing:

@@ -23,9 +23,9 @@ def test_dequantize_equals_mlx(bits, group_size):
 
 
 @pytest.mark.parametrize("rows", [1, 7, 8, 33])
-def test_quantized_matmul_paths(rows, monkeypatch):
+def test_quantized_matmul_paths(rows):
     """Below UNPACK_MIN_ROWS the product stays quantized (bit-identical to mx.quantized_matmul); from there on the
-    CPU unpacks, equal within float32 rounding. MLX_GEMMA4_UNPACK_ROWS=0 turns the unpacking off."""
+    CPU unpacks, equal within float32 rounding. use_unpack_rows(0) turns the unpacking off."""
     w = mx.random.normal((96, 128), key=mx.random.key(1))
     q, s, b = mx.quantize(w, group_size=64, bits=4)
     x = mx.random.normal((rows, 128), key=mx.random.key(2))
@@ -37,9 +37,9 @@ def test_quantized_matmul_paths(rows, monkeypatch):
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
         dense = x @ mx.dequantize(q, s, b, group_size=64, bits=4).T
         assert mx.array_equal(got, dense)  # exactly the unpack + matmul path
-    monkeypatch.setenv("MLX_GEMMA4_UNPACK_ROWS", "0")
-    assert products.unpack_min_rows() is None
-    assert mx.array_equal(products.quantized_matmul(x, q, s, b, 64, 4), want)
+    with products.use_unpack_rows(0):
+        assert products.unpack_min_rows() is None
+        assert mx.array_equal(products.quantized_matmul(x, q, s, b, 64, 4), want)
 
 
 def test_loaded_quantized_model_uses_fast_linears(text_checkpoint):
@@ -67,20 +67,6 @@ def test_compact_matmul_paths(rows):
         assert mx.array_equal(got, x @ w.astype(mx.float32).T)
 
 
-def test_weights_dtype_resolution(monkeypatch):
-    from mlx_gemma4 import backend
-
-    monkeypatch.delenv("MLX_GEMMA4_WEIGHTS_DTYPE", raising=False)
-    assert backend.resolve_weights_dtype(None, mx.float32) == mx.float32
-    assert backend.resolve_weights_dtype("bf16", mx.float32) == mx.bfloat16
-    monkeypatch.setenv("MLX_GEMMA4_WEIGHTS_DTYPE", "float16")
-    assert backend.resolve_weights_dtype(None, mx.float32) == mx.float16
-    with pytest.raises(ValueError, match="wider than the compute dtype"):
-        backend.resolve_weights_dtype("float32", mx.bfloat16)
-    with pytest.raises(ValueError, match="unsupported weights dtype"):
-        backend.resolve_weights_dtype("int8", mx.float32)
-
-
 def _rounded_reference(path):
     """The float32 model with every decoder weight matrix rounded through bfloat16: what the compact model
     computes on its prefill path."""
@@ -93,7 +79,7 @@ def _rounded_reference(path):
 
 
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
-def test_bf16_weights_under_float32_compute(variant, text_checkpoint, monkeypatch):
+def test_bf16_weights_under_float32_compute(variant, text_checkpoint):
     from mlx.utils import tree_flatten
 
     path = text_checkpoint(variant)
@@ -105,8 +91,7 @@ def test_bf16_weights_under_float32_compute(variant, text_checkpoint, monkeypatc
     # every product upcast (as prefill products with UNPACK_MIN_ROWS rows are): float32 math on the bf16-rounded
     # weights, whichever way the weight reaches the product (linear, tied head, expert segment or gather)
     ref = _rounded_reference(path)(ids)
-    with monkeypatch.context() as env:
-        env.setenv("MLX_GEMMA4_UNPACK_ROWS", "1")
+    with products.use_unpack_rows(1):
         logits = model(ids)
     assert logits.dtype == mx.float32
     np.testing.assert_allclose(np.array(logits), np.array(ref), rtol=1e-4, atol=1e-4)

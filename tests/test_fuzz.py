@@ -19,7 +19,7 @@ import checkpoints
 from hardening_fixtures import mm_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["config", "sampling", "messages", "checkpoint", "gguf", "prompt_cache"]
+TARGETS = ["config", "sampling", "messages", "checkpoint", "safetensors", "gguf", "prompt_cache"]
 MEMORY_GB = 1.0
 
 

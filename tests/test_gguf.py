@@ -309,11 +309,12 @@ def demo():
 
     from mlx_gemma4.config import ModelConfig
     from mlx_gemma4.loading import model_from_weights
+    from mlx_gemma4.runtime import RuntimePolicy
 
     gf = G.open_gguf(G.demo_model_path())
     config, weights = G.gguf_config(gf), G.read_weights(gf)
     model = model_from_weights(ModelConfig.from_dict(config), {k: mx.array(v) for k, v in weights.items()},
-                               dtype="float32")
+                               policy=RuntimePolicy.from_arguments("float32"))
     return config, weights, G.gguf_tokenizer(gf), model
 
 

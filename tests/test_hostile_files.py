@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
-from hardening_fixtures import mm_processor, run_limited
-from mlx_gemma4.errors import CheckpointError, MediaError
+from hardening_fixtures import mm_processor, run_limited, write_gemma3_gguf
+from mlx_gemma4.errors import CheckpointError, ConfigError, MediaError
 from mlx_gemma4.processing import Processor
 
 
@@ -105,6 +105,13 @@ def assert_fails_fast(code: str, error: str, message: str):
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
 
 
+def test_gguf_with_a_billion_blocks_fails_fast(tmp_path):
+    """The issue's report: a ~131 KB gemma3 GGUF with block_count = 10**9 grew to 7.5 GB before being killed."""
+    crafted = write_gemma3_gguf(tmp_path / "crafted.gguf", block_count=10**9, layers=1)
+    assert crafted.stat().st_size < 200_000
+    assert_fails_fast(f"from mlx_gemma4 import load\nload({str(crafted)!r})", "ConfigError", "block_count")
+
+
 def test_config_with_100000_layers_fails_fast(chat_checkpoint, tmp_path):
     """The issue's report: num_hidden_layers = 100000 without layer_types aborted after 27 s (cannot allocate)."""
     crafted = tmp_path / "crafted"
@@ -143,3 +150,113 @@ def test_processor_config_ranges(tmp_path):
         with pytest.raises(ConfigError, match=f"{block}.{key} = {value}"):
             Processor.from_pretrained(tmp_path).prompt_inputs(
                 [{"role": "user", "content": [{"type": kind, kind: image if kind == "image" else [image]}]}])
+
+
+def safetensors_with_header(source, out, edit) -> None:
+    """Copy the checkpoint `source` to `out` with its model.safetensors header replaced by edit(header)."""
+    shutil.copytree(source, out)
+    raw = (out / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    blob = json.dumps(header).encode()
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def first_tensor(header) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: list(h.values()), "the safetensors header must be a JSON object, not a list"),
+    (lambda h: {**h, first_tensor(h): [1, 2]}, "its header entry must be an object, not list"),
+    (lambda h: {**h, first_tensor(h): "x"}, "its header entry must be an object, not str"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "shape": {"a": 1}}}, "the shape must be a list"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "shape": [-1, 4]}}, "the shape must be a list"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "shape": [2**62, 2**62]}}, "bytes, but its"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "dtype": "F128"}}, "unknown dtype 'F128'"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "data_offsets": [8, 4]}}, "0 <= begin <= end"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "data_offsets": None}}, "data_offsets must be"),
+    (lambda h: {**h, first_tensor(h): {**h[first_tensor(h)], "data_offsets": [0, 10**15]}}, "is truncated"),
+    (lambda h: {k: {kk: vv for kk, vv in v.items() if kk != "data_offsets"} if k != "__metadata__" else v
+                for k, v in h.items()}, "data_offsets must be"),
+])
+def test_malformed_safetensors_headers(chat_checkpoint, tmp_path, edit, message):
+    from mlx_gemma4.loading import load
+
+    safetensors_with_header(chat_checkpoint("e2b"), tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load(tmp_path / "bad")
+    assert "model.safetensors" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,error,message", [
+    ("num_hidden_layers", 1000, CheckpointError, "has 1000 layers, but the tensors hold layers 0..9"),
+    ("vocab_size", 1024, CheckpointError, "vocab_size is 1024, but .*embed_tokens.weight has 512 rows"),
+    ("hidden_size", 128, CheckpointError, "hidden_size is 128, but .*embed_tokens.weight has 64 columns"),
+    ("num_attention_heads", 8, CheckpointError, "num_attention_heads x head_dim of layer 0 is 128"),
+    ("intermediate_size", 1 << 20, CheckpointError, "implies at least .* parameters"),
+])
+def test_config_is_checked_against_the_tensors_before_building(chat_checkpoint, tmp_path, key, value, error,
+                                                               message):
+    from mlx_gemma4.loading import load
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(chat_checkpoint("e2b"), crafted)
+    config = json.loads((crafted / "config.json").read_text())
+    config[key] = value
+    if key == "num_hidden_layers":
+        config.pop("layer_types", None)
+    (crafted / "config.json").write_text(json.dumps(config))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mlx_gemma4.loading.build_model", lambda *a: pytest.fail("a module tree was built"))
+        with pytest.raises(error, match=message):
+            load(crafted)
+
+
+def gguf_bytes(metadata: bytes, n_kv: int = 1, n_tensors: int = 0) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + metadata
+
+
+def gguf_key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def test_gguf_header_attacks(tmp_path):
+    from mlx_gemma4.loading import load
+
+    # an array nested 100000 deep
+    nested = gguf_key("general.deep") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 100_000 \
+        + struct.pack("<IQ", 4, 0)
+    (tmp_path / "deep.gguf").write_bytes(gguf_bytes(nested))
+    with pytest.raises(CheckpointError, match="deep.gguf: metadata 'general.deep' is an array nested too deeply"):
+        load(tmp_path / "deep.gguf")
+    # alignment 0 (was a ZeroDivisionError), 3 (not a power of two)
+    for value in (0, 3, 2**40):
+        write_gemma3_gguf(tmp_path / "align.gguf", metadata={"general.alignment": value})
+        with pytest.raises(CheckpointError, match=f"general.alignment = {value} must be a power of two"):
+            load(tmp_path / "align.gguf")
+    # a block count the tensors do not have
+    write_gemma3_gguf(tmp_path / "blocks.gguf", block_count=5, layers=2)
+    with pytest.raises(CheckpointError, match="block_count = 5, but the file holds tensors for blocks 0..1"):
+        load(tmp_path / "blocks.gguf")
+    # metadata of the wrong kind
+    write_gemma3_gguf(tmp_path / "kind.gguf", metadata={"gemma3.attention.head_count": "many"})
+    with pytest.raises(ConfigError, match="kind.gguf: the GGUF metadata does not describe a usable model"):
+        load(tmp_path / "kind.gguf")
+    write_gemma3_gguf(tmp_path / "pattern.gguf", metadata={"gemma3.attention.sliding_window_pattern": 0})
+    with pytest.raises(ConfigError, match="sliding_window_pattern = 0 must be a positive integer"):
+        load(tmp_path / "pattern.gguf")
+
+
+@pytest.mark.parametrize("merges,message", [
+    (["t1 t2", "no-space"], "malformed tokenizer.ggml.merges entry 'no-space'"),
+    (["zz qq"], "the GGUF tokenizer cannot be built: .*out of vocabulary"),
+])
+def test_gguf_bad_merges(tmp_path, merges, message):
+    from mlx_gemma4.loading import load
+
+    path = write_gemma3_gguf(tmp_path / "merges.gguf",
+                             metadata={"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.merges": merges})
+    with pytest.raises(CheckpointError, match=message) as e:
+        load(path)
+    assert "merges.gguf" in str(e.value)

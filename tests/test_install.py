@@ -52,8 +52,11 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
                    check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
     run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    where = subprocess.run([sys.executable, "-c", "import mlx_gemma4; print(mlx_gemma4.__file__)"], **run)
-    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr
+    where = subprocess.run([sys.executable, "-c", "import mlx_gemma4, mlx_gemma4.kernels as k; "
+                            "print(mlx_gemma4.__file__); print(','.join(k.BACKENDS))"], **run)
+    file, backends = where.stdout.split()
+    assert Path(file).is_relative_to(site), where.stdout + where.stderr
+    assert backends == "auto,metal,mlx"  # the kernels' dispatch offers no emulator outside the tests
     out = subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", "--model", "demo", "--prompt",
                           "The capital of France is", "--max-tokens", "4", "--temp", "0"], **run)
     assert out.returncode == 0, out.stderr[-2000:]

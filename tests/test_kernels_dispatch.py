@@ -1,4 +1,4 @@
-"""Backend selection (MLX_GEMMA4_KERNELS, use_backend) and the kernel factory (use_kernel_factory)."""
+"""Backend selection (a model's runtime policy, use_backend) and the kernel factory (use_kernel_factory)."""
 
 from __future__ import annotations
 
@@ -7,48 +7,44 @@ import numpy as np
 import pytest
 
 from mlx_gemma4 import kernels
-from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, use_kernel_factory, windowed_attention
+from mlx_gemma4.kernels import (ExpertBank, expert_glu, use_backend, use_kernel_factory, use_runtime_defaults,
+                                windowed_attention)
 
 
-def test_auto_picks_metal_only_when_available(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+def test_auto_picks_metal_only_when_available():
     on_gpu = mx.metal.is_available() and mx.default_device() == mx.gpu
     assert kernels.backend() == ("metal" if on_gpu else "mlx")
-    monkeypatch.setenv(kernels.ENV_VAR, "auto")
-    assert kernels.backend() == ("metal" if on_gpu else "mlx")
+    with use_runtime_defaults(backend="auto"):
+        assert kernels.backend() == ("metal" if on_gpu else "mlx")
 
 
-def test_env_var_offers_auto_metal_mlx_only(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "mlx")
-    assert kernels.backend() == "mlx"
+def test_backends_are_auto_metal_mlx_only():
+    with use_runtime_defaults(backend="mlx"):
+        assert kernels.backend() == "mlx"
     for bad in ("emulate", "cuda"):
-        monkeypatch.setenv(kernels.ENV_VAR, bad)
-        with pytest.raises(ValueError, match=f"MLX_GEMMA4_KERNELS='{bad}': expected one of auto, metal, mlx"):
-            kernels.backend()
+        for choose in (use_backend, lambda name: use_runtime_defaults(backend=name)):
+            with pytest.raises(ValueError, match=f"unknown kernel backend '{bad}': expected one of auto, metal, mlx"):
+                with choose(bad):
+                    pass
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="checks the error raised where Metal is absent")
-def test_forcing_metal_without_a_metal_device_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "metal")
-    with pytest.raises(RuntimeError, match="no Metal device"):
+def test_forcing_metal_without_a_metal_device_is_a_clear_error():
+    with use_runtime_defaults(backend="metal"), pytest.raises(RuntimeError, match="no Metal device"):
         kernels.backend()
-    monkeypatch.delenv(kernels.ENV_VAR)
     with use_backend("metal"), pytest.raises(RuntimeError, match="no Metal device"):
         windowed_attention(mx.zeros((1, 1, 1, 32)), mx.zeros((1, 1, 1, 32)), mx.zeros((1, 1, 1, 32)), scale=1.0,
                            q_start=0, k_start=0, window=None)
 
 
-def test_context_managers_override_env_and_nest(monkeypatch, metal_emulator):
-    monkeypatch.setenv(kernels.ENV_VAR, "mlx")
-    with metal_emulator():
-        assert kernels.backend() == "metal"
-        with use_backend("mlx"):
-            assert kernels.backend() == "mlx"
-        assert kernels.backend() == "metal"
-    assert kernels.backend() == "mlx"
-    with pytest.raises(ValueError, match="unknown kernel backend"):
-        with use_backend("emulate"):
-            pass
+def test_context_managers_override_the_policy_and_nest(metal_emulator):
+    with use_runtime_defaults(backend="mlx"):  # what a model loaded with kernels="mlx" runs under
+        with metal_emulator():
+            assert kernels.backend() == "metal"
+            with use_backend("mlx"):
+                assert kernels.backend() == "mlx"
+            assert kernels.backend() == "metal"
+        assert kernels.backend() == "mlx"
 
 
 def test_kernel_factory_runs_metal_bodies():

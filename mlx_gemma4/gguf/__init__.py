@@ -22,13 +22,13 @@ from pathlib import Path
 
 from .config import gguf_config
 from .dequantize import dequantize
-from .names import SUPPORTED_ARCHITECTURES, hf_tensor_name, iter_weights, read_weights
+from .names import SUPPORTED_ARCHITECTURES, hf_tensor_name, hf_tensor_shapes, iter_weights, read_weights
 from .reader import GGUFFile, TensorInfo, open_gguf
 from .tokenizer import RAW_TEXT_TEMPLATE, gguf_processor, gguf_tokenizer
 
 __all__ = ["DEMO_MODEL_NAME", "DEMO_PACKAGE", "GGUFFile", "RAW_TEXT_TEMPLATE", "SUPPORTED_ARCHITECTURES", "TensorInfo",
            "demo_model_path", "dequantize", "gguf_config", "gguf_processor", "gguf_tokenizer", "hf_tensor_name",
-           "iter_weights", "open_gguf", "read_gguf", "read_weights"]
+           "hf_tensor_shapes", "iter_weights", "open_gguf", "read_gguf", "read_weights"]
 
 
 def read_gguf(path: str | Path):

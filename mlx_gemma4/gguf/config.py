@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+from ..limits import check_block_count
 from .names import check_architecture
 from .reader import GGUFFile
 
@@ -41,7 +43,7 @@ def _common_config(gf: GGUFFile) -> dict[str, Any]:
     config = {
         "vocab_size": embed.shape[0],
         "hidden_size": int(_meta(gf, "embedding_length")),
-        "num_hidden_layers": int(_meta(gf, "block_count")),
+        "num_hidden_layers": check_block_count(_meta(gf, "block_count"), gf.tensors, gf.path),
         "num_attention_heads": int(_first(_meta(gf, "attention.head_count"))),
         "rms_norm_eps": float(_meta(gf, "attention.layer_norm_rms_epsilon", 1e-6)),
         "max_position_embeddings": int(_meta(gf, "context_length", 131072)),
@@ -61,6 +63,9 @@ def _gemma3_config(gf: GGUFFile) -> dict[str, Any]:
     # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) hard-codes a 5:1 sliding:full pattern, a 10k local RoPE base and
     # the attention scale: 1/sqrt(head_dim), except the 62-layer 27B which uses 1/sqrt(hidden/heads).
     pattern = _meta(gf, "attention.sliding_window_pattern", 6)
+    if not isinstance(pattern, (list, int)) or isinstance(pattern, bool) or (isinstance(pattern, int) and pattern < 1):
+        raise ConfigError(f"{gf.path}: GGUF metadata attention.sliding_window_pattern = {pattern!r} must be a "
+                          "positive integer or a list of per-layer flags")
     if isinstance(pattern, list):
         layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
     else:

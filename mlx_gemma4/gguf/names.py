@@ -96,6 +96,13 @@ def iter_weights(gf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
         yield f"model.layers.{layer}.experts.gate_up_proj", np.concatenate(gate_up, axis=1)
 
 
+def hf_tensor_shapes(gf: GGUFFile) -> dict[str, tuple[int, ...]]:
+    """{HF name: shape} of the model tensors, from the tensor table alone (nothing is read or dequantized)."""
+    arch = check_architecture(gf)
+    names = {n: hf_tensor_name(n, arch) for n in gf.tensors if n.split(".", 2)[-1] not in _SPLIT_EXPERTS}
+    return {hf: gf.tensors[n].shape for n, hf in names.items() if hf is not None}
+
+
 def read_weights(gf: GGUFFile) -> dict[str, np.ndarray]:
     """Every model tensor dequantized to float32 under its HF name."""
     return dict(iter_weights(gf))

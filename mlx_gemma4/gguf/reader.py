@@ -6,6 +6,7 @@ element and takes ~19 s on the 262,144-token Gemma vocabulary; this parser takes
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from ..errors import CheckpointError
+from ..limits import check_gguf_alignment
 from .dequantize import dequantize
 
 GGUF_MAGIC = b"GGUF"
@@ -149,18 +152,23 @@ def open_gguf(path: str | Path) -> GGUFFile:
     for _ in range(n_kv):
         key = reader.string("a metadata key")
         vtype = reader.scalar("<I", f"the type of {key}")
-        metadata[key] = reader.value(vtype, f"metadata {key!r}")
+        try:
+            metadata[key] = reader.value(vtype, f"metadata {key!r}")
+        except RecursionError:
+            raise CheckpointError(f"{path}: metadata {key!r} is an array nested too deeply") from None
 
     entries = []
     for _ in range(n_tensors):
         name = reader.string("a tensor name")
         n_dims = reader.scalar("<I", f"tensor {name!r}")
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise CheckpointError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF tensors have at most 4)")
         ne = [reader.scalar("<Q", f"tensor {name!r}") for _ in range(n_dims)]
         ggml_type = reader.scalar("<I", f"tensor {name!r}")
         offset = reader.scalar("<Q", f"tensor {name!r}")
         entries.append((name, ne, ggml_type, offset))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = check_gguf_alignment(metadata.get("general.alignment", DEFAULT_ALIGNMENT), path)
     data_start = -(-reader.pos // alignment) * alignment
     tensors: dict[str, TensorInfo] = {}
     for name, ne, ggml_type, offset in entries:
@@ -187,5 +195,5 @@ def _tensor_nbytes(name: str, ne: list[int], ggml_type: int, path: Path) -> int:
     if ne and ne[0] % block:
         raise ValueError(f"{path}: tensor {name!r}: row length {ne[0]} is not a multiple of {qtype.name}'s "
                          f"block size {block}")
-    n = int(np.prod(ne, dtype=np.int64)) if ne else 1
+    n = math.prod(int(d) for d in ne)  # Python ints: a crafted shape cannot overflow into a small size
     return n // block * type_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import TokenType
 
+from ..errors import CheckpointError
 from .reader import GGUFFile
 
 
@@ -27,13 +28,14 @@ def _spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> lis
     return merges
 
 
-def _bpe_merges(raw_merges: list[str]) -> list[tuple[str, str]]:
+def _bpe_merges(raw_merges: list[str], path) -> list[tuple[str, str]]:
     """tokenizer.ggml.merges entries ("left right", rank order) as pairs."""
     pairs = []
     for entry in raw_merges:
-        left, sep, right = entry.partition(" ")
+        left, sep, right = entry.partition(" ") if isinstance(entry, str) else ("", "", "")
         if not sep:
-            raise ValueError(f"malformed tokenizer.ggml.merges entry {entry!r}")
+            raise CheckpointError(f"{path}: malformed tokenizer.ggml.merges entry {entry!r:.60} (expected "
+                                  "'left right')")
         pairs.append((left, right))
     return pairs
 
@@ -58,7 +60,7 @@ def gguf_tokenizer(gf: GGUFFile):
         merges = _spm_merges(tokens, scores, types)
         pre_tokenizer = None
     elif tokenizer_model == "gemma4":
-        merges = _bpe_merges(md.get("tokenizer.ggml.merges", []))
+        merges = _bpe_merges(md.get("tokenizer.ggml.merges", []), gf.path)
         pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
     else:
         raise ValueError(f"{gf.path}: unsupported tokenizer.ggml.model {tokenizer_model!r} (expected 'llama' "
@@ -69,7 +71,10 @@ def gguf_tokenizer(gf: GGUFFile):
         vocab.setdefault(t, i)  # duplicate strings: the first id wins, as in llama.cpp's token_to_id
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None else None
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    except Exception as e:  # tokenizers raises a bare Exception (e.g. a merge of tokens not in the vocabulary)
+        raise CheckpointError(f"{gf.path}: the GGUF tokenizer cannot be built: {e}") from e
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     if pre_tokenizer is not None:
         tok.pre_tokenizer = pre_tokenizer

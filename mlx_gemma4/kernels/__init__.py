@@ -6,9 +6,10 @@ mlx_gemma4 but its own files.
     products.quantized_matmul / compact_matmul / dequantize   products with compact (quantized, bf16) weights
 
 Each call runs the Metal kernel when MLX has a Metal device and computes on the GPU, and the pure-MLX path
-otherwise. The environment variable MLX_GEMMA4_KERNELS overrides the choice:
+otherwise: backend "auto". A loaded model's runtime policy (mlx_gemma4.runtime; MLX_GEMMA4_KERNELS is its default)
+may name another around its forward pass (`use_runtime_defaults`):
     auto (default) | metal (error without Metal) | mlx
-`use_backend(name)` does the same for a `with` block. How Metal source is run is one kernel factory,
+`use_backend(name)` overrides both for a `with` block. How Metal source is run is one kernel factory,
 `mx.fast.metal_kernel` unless `use_kernel_factory(factory)` installs another for a `with` block (the tests install
 the msim emulator, which runs the same kernel bodies on a Linux CPU).
 """
@@ -17,23 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 
 import mlx.core as mx
 
 from ._metal import KernelFactory, KernelRunner, KernelSpec
 from .gather_experts import ExpertBank, expert_glu_metal, expert_glu_mlx
 from .gather_experts import validate_inputs as _validate_experts
+from .products import _unpack_policy, default_unpack_min_rows, use_unpack_rows
 from .sliding_attention import attention_plan, windowed_attention_metal, windowed_attention_mlx
 from .sliding_attention import validate_inputs as _validate_attention
 
 __all__ = ["ExpertBank", "KernelFactory", "KernelRunner", "KernelSpec", "expert_glu", "windowed_attention",
-           "backend", "use_backend", "use_kernel_factory", "attention_plan"]
+           "backend", "use_backend", "use_kernel_factory", "use_runtime_defaults", "use_unpack_rows",
+           "default_unpack_min_rows", "attention_plan"]
 
 BACKENDS = ("auto", "metal", "mlx")
-ENV_VAR = "MLX_GEMMA4_KERNELS"
 
+# an explicit use_backend() block wins over the running model's policy, which wins over "auto"
 _backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_backend", default=None)
+_backend_policy: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernel_backend_policy", default=None)
 _installed_runner: contextvars.ContextVar[KernelRunner | None] = contextvars.ContextVar("kernel_runner",
                                                                                         default=None)
 _metal_runner: KernelRunner | None = None  # mx.fast.metal_kernel's, built on first use
@@ -44,12 +47,7 @@ def _metal_available() -> bool:
 
 
 def _requested() -> str:
-    name = _backend_override.get()
-    if name is None:
-        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if name not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
+    return _backend_override.get() or _backend_policy.get() or "auto"
 
 
 def _resolve() -> tuple[str, KernelRunner | None]:
@@ -63,8 +61,8 @@ def _resolve() -> tuple[str, KernelRunner | None]:
     runner = _installed_runner.get()
     if runner is None:
         if not _metal_available():
-            raise RuntimeError(f"Metal kernels requested ({ENV_VAR}=metal or use_backend('metal')) but MLX has no "
-                               "Metal device here; use 'auto' or 'mlx'")
+            raise RuntimeError("Metal kernels requested (kernel backend 'metal') but MLX has no Metal device here; "
+                               "use 'auto' or 'mlx'")
         _metal_runner = _metal_runner or KernelRunner()
         runner = _metal_runner
     return name, runner
@@ -85,6 +83,21 @@ def use_backend(name: str):
         yield
     finally:
         _backend_override.reset(token)
+
+
+@contextlib.contextmanager
+def use_runtime_defaults(*, backend: str = "auto", unpack_min_rows: int | None = None):
+    """A model's runtime policy for the kernel calls inside a `with` block (mlx_gemma4.runtime.RuntimePolicy.applied
+    wraps the model's forward pass in it): the backend, and the rows from which CPU products unpack compact weights
+    (None: never). `use_backend` / `use_unpack_rows` blocks around it still win."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    tokens = _backend_policy.set(backend), _unpack_policy.set(unpack_min_rows)
+    try:
+        yield
+    finally:
+        _backend_policy.reset(tokens[0])
+        _unpack_policy.reset(tokens[1])
 
 
 @contextlib.contextmanager

@@ -8,25 +8,48 @@ faster, even though the unpacking is paid on every call (a 4-bit 1408x2816 exper
 compact weight directly: they are memory-bound, and unpacking would cost more than the product. On a GPU the
 quantized kernels are always used.
 
-`MLX_GEMMA4_UNPACK_ROWS=N` sets the row count from which the CPU unpacks (0 = never).
+The row count from which the CPU unpacks comes from the loaded model's runtime policy (mlx_gemma4.runtime, which
+applies it around the model's forward pass through `use_runtime_defaults`); `use_unpack_rows(n)` overrides it for
+a `with` block (0 = never).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import os
 
 import mlx.core as mx
 
 UNPACK_MIN_ROWS = 8  # measured break-even on CPU is ~5 rows for a 4-bit 1408x2816 matrix
 
+_UNSET = object()
+# an explicit use_unpack_rows() block, then the running model's policy, then default_unpack_min_rows()
+_unpack_override: contextvars.ContextVar = contextvars.ContextVar("unpack_rows_override", default=_UNSET)
+_unpack_policy: contextvars.ContextVar = contextvars.ContextVar("unpack_rows_policy", default=_UNSET)
+
+
+def default_unpack_min_rows() -> int | None:
+    """UNPACK_MIN_ROWS on MLX's CPU backend; None (never unpack) on a GPU, whose quantized kernels are fast."""
+    return UNPACK_MIN_ROWS if mx.default_device() == mx.cpu else None
+
 
 def unpack_min_rows() -> int | None:
     """Rows from which a product with a compact weight unpacks it to the compute dtype, or None for never."""
-    if mx.default_device() != mx.cpu:
-        return None
-    rows = int(os.environ.get("MLX_GEMMA4_UNPACK_ROWS", UNPACK_MIN_ROWS))
-    return rows if rows > 0 else None
+    rows = _unpack_override.get()
+    if rows is _UNSET:
+        rows = _unpack_policy.get()
+    return default_unpack_min_rows() if rows is _UNSET else rows
+
+
+@contextlib.contextmanager
+def use_unpack_rows(rows: int | None):
+    """Unpack compact weights in products with at least `rows` rows inside a `with` block (0 or None: never)."""
+    token = _unpack_override.set(rows if rows else None)
+    try:
+        yield
+    finally:
+        _unpack_override.reset(token)
 
 
 def _unpacks(x: mx.array) -> bool:

@@ -289,11 +289,12 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     calls = []
     for m in re.finditer(r"<\|tool_call>(.*?)<tool_call\|>", text, re.DOTALL):
         body = m.group(1)
-        head = re.match(r"call:([\w.\-]+)", body)
+        head = re.match(r"\s*call:([\w.\-]+)", body)
         if head is None:
             raise ValueError(f"malformed tool call (expected 'call:name{{...}}'): {body!r}")
         parser = _ArgumentParser(body, head.end())
         args = parser.value()
+        parser.skip_space()
         if not isinstance(args, dict) or parser.pos != len(body):
             raise ValueError(f"malformed tool call arguments: {body!r}")
         calls.append(ToolCall(head.group(1), args))
@@ -302,41 +303,64 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
 
 class _ArgumentParser:
     """Gemma's argument syntax: {key:value,...} with bare or <|"|>-quoted keys, <|"|>strings<|"|>, [lists],
-    numbers, true/false/null."""
+    numbers, true/false/null; whitespace between items is skipped, and JSON "strings" (keys or values) are read
+    as JSON when a model writes them."""
+
+    _KEY = re.compile(r"[^:{}\[\],]+")
+    _BARE = re.compile(r"[^,{}\[\]]*")
 
     def __init__(self, text: str, pos: int = 0):
         self.text, self.pos = text, pos
+        self._json = json.JSONDecoder()
 
     def _error(self, what: str) -> ValueError:
         return ValueError(f"malformed tool call: {what} at position {self.pos} of {self.text!r}")
 
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def _at(self, s: str) -> bool:
+        self.skip_space()
+        return self.text.startswith(s, self.pos)
+
     def _expect(self, s: str) -> None:
-        if not self.text.startswith(s, self.pos):
+        if not self._at(s):
             raise self._error(f"expected {s!r}")
         self.pos += len(s)
 
-    def _string(self) -> str:
-        self._expect(STRING_DELIMITER)
-        end = self.text.find(STRING_DELIMITER, self.pos)
-        if end < 0:
-            raise self._error("unterminated string")
-        s, self.pos = self.text[self.pos:end], end + len(STRING_DELIMITER)
-        return s
+    def _string(self) -> str | None:
+        """A <|"|>-delimited or JSON double-quoted string at the position, else None."""
+        if self._at(STRING_DELIMITER):
+            self.pos += len(STRING_DELIMITER)
+            end = self.text.find(STRING_DELIMITER, self.pos)
+            if end < 0:
+                raise self._error("unterminated string")
+            s, self.pos = self.text[self.pos:end], end + len(STRING_DELIMITER)
+            return s
+        if self._at('"'):
+            try:
+                s, self.pos = self._json.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as e:
+                raise self._error(f"malformed JSON string ({e.msg})") from e
+            return s
+        return None
 
     def value(self):
         t = self.text
-        if t.startswith(STRING_DELIMITER, self.pos):
-            return self._string()
-        if t.startswith("{", self.pos):
+        s = self._string()
+        if s is not None:
+            return s
+        if self._at("{"):
             self.pos += 1
             out = {}
-            while not t.startswith("}", self.pos):
+            while not self._at("}"):
                 if out:
                     self._expect(",")
-                if t.startswith(STRING_DELIMITER, self.pos):
-                    key = self._string()
-                else:
-                    m = re.compile(r"[^:{}\[\],]+").match(t, self.pos)
+                key = self._string()
+                if key is None:
+                    self.skip_space()
+                    m = self._KEY.match(t, self.pos)
                     if m is None:
                         raise self._error("expected a key")
                     key, self.pos = m.group(0).strip(), m.end()
@@ -344,16 +368,16 @@ class _ArgumentParser:
                 out[key] = self.value()
             self.pos += 1
             return out
-        if t.startswith("[", self.pos):
+        if self._at("["):
             self.pos += 1
             items = []
-            while not t.startswith("]", self.pos):
+            while not self._at("]"):
                 if items:
                     self._expect(",")
                 items.append(self.value())
             self.pos += 1
             return items
-        m = re.compile(r"[^,{}\[\]]*").match(t, self.pos)
+        m = self._BARE.match(t, self.pos)
         token = m.group(0).strip()
         if not token:
             raise self._error("expected a value")
