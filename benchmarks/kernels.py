@@ -1,13 +1,12 @@
-"""Kernel benchmarks, printed as one markdown table.
+"""Kernel benchmarks, printed as markdown tables.
 
-    python benchmarks/kernels.py [--sizes 2048,8192,32768] [--repeat 3] [--quick]
+    python benchmarks/kernels.py [--sizes 2048,8192,32768] [--contexts 4096,32768] [--repeat 3] [--quick]
 
-Always (any machine): sliding-window prefill, our blockwise MLX path vs the masked full attention mlx-lm uses
-(`mx.fast.scaled_dot_product_attention` over all keys with an (n, n) window mask), E2B sliding-layer shapes
-(8 query heads, 1 KV head, head dim 256, window 512).
-On a Mac with Metal: each Metal kernel vs its MLX peer (`mx.gather_qmm` for the 26B A4B experts,
-`mx.fast.scaled_dot_product_attention` for attention). Without Metal it says so and times the MLX path of the
-same calls instead.
+1. Sliding-window prefill (any machine): our blockwise MLX path vs the masked full attention mlx-lm uses
+   (`mx.fast.scaled_dot_product_attention` over all keys with an (n, n) window mask), E2B sliding-layer shapes.
+2. Decode kernels, per published model shape: the emulator's device-memory traffic (bytes read / the minimum:
+   each needed K/V or expert byte once) and threadgroup count (msim, needs the test extra and g++), beside the
+   MLX path's time on this machine; on a Mac also the Metal kernel's time on the GPU next to the MLX path's there.
 """
 
 from __future__ import annotations
@@ -18,17 +17,23 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # kernel_emulator: the emulator as the kernels' factory
 
 import mlx_gemma4  # noqa: E402  (BLAS preload before mlx.core)
 import mlx.core as mx  # noqa: E402
+from kernel_emulator import attention_shapes, decode_attention_traffic, expert_decode_traffic  # noqa: E402
 
 from mlx_gemma4 import runtime  # noqa: E402
-from mlx_gemma4.kernels import ExpertBank, expert_glu, use_backend, windowed_attention  # noqa: E402
-from mlx_gemma4.kernels.sliding_attention import dense_attention_mlx, visibility  # noqa: E402
+from mlx_gemma4.kernels import ExpertBank, expert_decode, kernel_runner  # noqa: E402
+from mlx_gemma4.kernels import use_backend, windowed_attention  # noqa: E402
+from mlx_gemma4.kernels.gather_experts import expert_glu_mlx  # noqa: E402
+from mlx_gemma4.kernels.sliding_attention import visibility, windowed_attention_mlx  # noqa: E402
 
 E2B_SLIDING = dict(heads=8, kv_heads=1, head_dim=256, window=512)
-MOE_26B = dict(experts=128, hidden=2816, inter=704, top_k=8, bits=4, group_size=64)
+MOE_26B = dict(experts=128, hidden=2816, inter=704, top_k=8)
+VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
 # masked full attention materializes (heads, n, n) float32 scores: skip sizes that would not fit comfortably
 FULL_SCORES_LIMIT_BYTES = 6 << 30
 
@@ -89,76 +94,92 @@ def random_quantized_bank(E, out, inp, bits, group_size, dtype):
     return ExpertBank(w, scales, biases, bits=bits, group_size=group_size)
 
 
-def bench_experts(tokens, repeat, metal, dtype):
+def gpu_times(kernel, mlx_path, repeat):
+    """(Metal kernel ms, MLX path ms) on the GPU, or (None, None) without Metal."""
+    if kernel_runner() is None or not mx.metal.is_available():
+        return None, None
+    with mx.stream(mx.gpu), use_backend("metal"):
+        ours = timeit(kernel, repeat)
+    with mx.stream(mx.gpu):
+        peer = timeit(mlx_path, repeat)
+    return ours, peer
+
+
+def decode_row(name, shape, traffic, threadgroups, cpu, metal, gpu_mlx):
+    ratio = "-" if traffic is None else f"{traffic:.3f}"
+    tgs = "-" if threadgroups is None else str(threadgroups)
+    print(f"| {name} | {shape} | {ratio} | {tgs} | {fmt_ms(cpu)} | {fmt_ms(metal)} | {fmt_ms(gpu_mlx)} |")
+
+
+def bench_decode_attention(contexts, repeat):
+    for variant in VARIANTS:
+        for kind, Hq, Hkv, D, window in attention_shapes(variant):
+            for context in contexts:
+                visible = context if window is None else min(context, window)
+                traffic, tgs = decode_attention_traffic(Hq, Hkv, D, visible)
+                mx.random.seed(3)
+                q = mx.random.normal((1, Hq, 1, D)).astype(mx.bfloat16)
+                k, v = (mx.random.normal((1, Hkv, visible, D)).astype(mx.bfloat16) for _ in range(2))
+                kw = dict(scale=D**-0.5, q_start=visible - 1, k_start=0, window=window)
+                with mx.stream(mx.cpu):
+                    cpu = timeit(lambda: windowed_attention_mlx(q, k, v, **kw), repeat)
+                metal, gpu_mlx = gpu_times(lambda: windowed_attention(q, k, v, **kw),
+                                           lambda: windowed_attention_mlx(q, k, v, **kw), repeat)
+                decode_row(f"decode attention {variant} {kind.split('_')[0]}",
+                           f"ctx={context} H={Hq}/{Hkv} D={D} bf16", traffic, tgs, cpu, metal, gpu_mlx)
+                del q, k, v
+
+
+def bench_decode_experts(tokens, repeat):
     m = MOE_26B
-    mx.random.seed(1)
-    gate_up = random_quantized_bank(m["experts"], 2 * m["inter"], m["hidden"], m["bits"], m["group_size"], dtype)
-    down = random_quantized_bank(m["experts"], m["hidden"], m["inter"], m["bits"], m["group_size"], dtype)
-    for T in tokens:
-        x = mx.random.normal((T, m["hidden"])).astype(dtype)
-        idx = mx.argsort(mx.random.uniform(shape=(T, m["experts"])), axis=-1)[:, : m["top_k"]].astype(mx.int32)
-        w = mx.softmax(mx.random.normal((T, m["top_k"])), axis=-1)
-        shape = f"T={T} E=128 top-8 H=2816 I=704 q4g64 {dtype_name(dtype)}"
-        with use_backend("mlx"):
-            peer = timeit(lambda: expert_glu(x, idx, w, gate_up, down), repeat)
-        if metal:
-            with use_backend("metal"):
-                ours = timeit(lambda: expert_glu(x, idx, w, gate_up, down), repeat)
-            row("experts: Metal kernel vs mx.gather_qmm path", shape, ours, peer)
-        else:
-            row("experts: MLX path (mx.gather_qmm)", shape, peer, None, "Metal absent: MLX path only")
-
-
-def bench_attention_metal(repeat, metal, dtype):
-    """Metal prefill/decode kernels vs mx.fast.scaled_dot_product_attention (same mask)."""
-    cases = [  # (name, Hq, Hkv, D, L, S, window)
-        ("sliding prefill", 8, 1, 256, 2048, 2048, 512),
-        ("global prefill (D=512)", 16, 2, 512, 2048, 2048, None),
-        ("sliding decode", 8, 1, 256, 1, 512, 512),
-        ("global decode (D=512)", 16, 2, 512, 1, 8192, None),
-    ]
-    for name, Hq, Hkv, D, L, S, window in cases:
-        mx.random.seed(2)
-        q = mx.random.normal((1, Hq, L, D)).astype(dtype)
-        k = mx.random.normal((1, Hkv, S, D)).astype(dtype)
-        v = mx.random.normal((1, Hkv, S, D)).astype(dtype)
-        kw = dict(scale=D**-0.5, q_start=S - L, k_start=0, window=window)
-        shape = f"L={L} S={S} H={Hq}/{Hkv} D={D} w={window} {dtype_name(dtype)}"
-        peer = timeit(lambda: dense_attention_mlx(q, k, v, **kw), repeat)
-        if metal:
-            with use_backend("metal"):
-                ours = timeit(lambda: windowed_attention(q, k, v, **kw), repeat)
-            row(f"attention {name}: Metal kernel vs mx.fast.sdpa", shape, ours, peer)
-        else:
-            with use_backend("mlx"):
-                ours = timeit(lambda: windowed_attention(q, k, v, **kw), repeat)
-            row(f"attention {name}: MLX path vs mx.fast.sdpa (masked)", shape, ours, peer,
-                "Metal absent: MLX path timed")
+    for bits in (4, 8):
+        mx.random.seed(1)
+        gate_up = random_quantized_bank(m["experts"], 2 * m["inter"], m["hidden"], bits, 64, mx.bfloat16)
+        down = random_quantized_bank(m["experts"], m["hidden"], m["inter"], bits, 64, mx.bfloat16)
+        for T in tokens:
+            launches = expert_decode_traffic(bits, 64, T)
+            traffic = max(ratio for _, ratio, _ in launches)  # the worse of gate/up and down
+            tgs = sum(t for _, _, t in launches)  # launched; those at repeated expert positions exit at once
+            x = mx.random.normal((T, m["hidden"])).astype(mx.bfloat16)
+            idx = mx.argsort(mx.random.uniform(shape=(T, m["experts"])), axis=-1)[:, : m["top_k"]].astype(mx.int32)
+            w = mx.softmax(mx.random.normal((T, m["top_k"])), axis=-1)
+            with mx.stream(mx.cpu):
+                cpu = timeit(lambda: expert_glu_mlx(x, idx, w, gate_up, down), repeat)
+            metal, gpu_mlx = gpu_times(lambda: expert_decode.expert_decode_metal(kernel_runner(), x, idx, w, gate_up,
+                                                                                 down),
+                                       lambda: expert_glu_mlx(x, idx, w, gate_up, down), repeat)
+            decode_row("expert decode 26b-a4b", f"T={T} E=128 top-8 q{bits}g64 bf16", traffic, tgs, cpu, metal,
+                       gpu_mlx)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2048,8192,32768", help="sliding prefill lengths")
+    ap.add_argument("--contexts", default="4096,32768", help="decode attention contexts")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
     if args.quick:
-        sizes = [512, 1024]
+        sizes, contexts = [512, 1024], [4096]
     metal = bool(mx.metal.is_available())
-    cpu_dtype = mx.float32  # MLX's CPU backend is fastest in float32 (see mlx_gemma4/runtime.py)
-    dtype = mx.bfloat16 if metal else cpu_dtype
     print(f"device: {'Metal GPU' if metal else 'CPU'} ({platform.machine()}, {os.cpu_count()} cores), "
           f"mlx {mx.__version__}, BLAS: {runtime.blas_in_use}")
-    if not metal:
-        print("Metal is absent on this machine: Metal-kernel rows time the MLX path instead.")
     print()
     print("| benchmark | shape | ours | peer | speedup | note |")
     print("|---|---|---|---|---|---|")
     with mx.stream(mx.gpu if metal else mx.cpu):
-        bench_sliding_prefill(sizes, args.repeat, dtype)
-        bench_attention_metal(args.repeat, metal, dtype)
-        bench_experts([1, 8] if args.quick else [1, 8, 512 if metal else 128], args.repeat, metal, dtype)
+        # MLX's CPU backend is fastest in float32 (see mlx_gemma4/runtime.py)
+        bench_sliding_prefill(sizes, args.repeat, mx.bfloat16 if metal else mx.float32)
+    print()
+    print("Decode kernels: traffic = bytes read / minimum bytes in the msim emulator (1.000 = every needed byte "
+          "once), threadgroups = pass-1 threadgroups of attention / gate-up + down launches of the experts")
+    print()
+    print("| kernel | shape | traffic (emulator) | threadgroups | MLX path, CPU | Metal kernel, GPU | MLX path, GPU |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    bench_decode_attention(contexts, args.repeat)
+    bench_decode_experts([1, 8] if args.quick else [1, 2, 4, 8], args.repeat)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class AttentionInputs:
-    """What one forward step shares between layers: positions, and image-block ids for the vision mask."""
+    """What one forward step shares between layers: positions, image-block ids for the vision mask, and, on
+    the mask path (mlx-lm's caches, batches with per-row positions), the attention mask of each layer type."""
 
-    offset: int  # absolute position of the first query token
+    offset: int | mx.array  # absolute position of the first query token; (B,) per row on the mask path
     block_ids: mx.array | None = None  # (L,) int32 image-block id per query token (-1 = text), or None
+    masks: dict | None = None  # layer type -> mask from the cache's make_mask (None, "causal" or boolean array)
 
 
 class Attention(nn.Module):
@@ -74,15 +76,26 @@ class Attention(nn.Module):
         if shared_kv is not None:
             keys, values, k_start = shared_kv
         else:
-            k, v = self.project_kv(x, step.offset)
-            if cache is not None:
+            k, v = self.project_kv(x, step.offset)  # (B, n_kv_heads, L, D) each
+            if step.masks is not None:
+                keys, values = cache.update_and_fetch(k, v)
+                k_start = None
+            elif cache is not None:
                 keys, values, k_start = cache.update(k, v)
             else:
                 keys, values, k_start = k, v, step.offset
 
+        if step.masks is not None:
+            # mlx-lm's caches (batches: left padding, per-row positions, rotated ring buffers) say through
+            # their mask which of the keys each query sees.
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale,
+                                                       mask=step.masks[self.layer_type])
+            out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            return self.o_proj(out), (keys, values, k_start)
+
         window, block_ids = self.window, None
         if L == 1 and self.window is not None and keys.shape[2] <= self.window:
-            window = None  # every cached key is inside the window (ring buffer may be in slot order)
+            window = None  # every key the cache returned is inside the window
         if step.block_ids is not None and (self.window is not None or self.vision_blocks_on_all_layers):
             # Keys from earlier chunks never share an image block with this chunk (images are never split).
             pad = step.offset - k_start

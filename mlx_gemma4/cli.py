@@ -5,6 +5,7 @@
     mlx-gemma4-convert       --model ID --out DIR [--bits 4]              convert / quantize   (mlx_gemma4.convert)
     mlx-gemma4-memory        --model ID --context N                       memory planner       (mlx_gemma4.memory)
     mlx-gemma4-synth         --variant e2b --out DIR                      synthetic checkpoint (mlx_gemma4.synth)
+    mlx-gemma4-server        --model ID [--port 8080]                     OpenAI/Anthropic API (mlx_gemma4.server)
 
 Generation streams tokens to stdout; a stats line (prompt and generation tokens and tok/s, peak memory, BLAS)
 goes to stderr at the end.
@@ -13,6 +14,7 @@ goes to stderr at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -277,6 +279,8 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
+    from .layouts import FORMATS
+
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
@@ -287,6 +291,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                    help="mixed: keep embeddings, PLE and MoE router at 8 bits")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
+    p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
+                   help="mlx-vlm: text + towers (default); mlx-lm: text only. Both load here and in mlx-vlm / mlx-lm")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
@@ -298,9 +304,12 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         from .convert import convert
 
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite)
-        q = f"{args.bits}-bit {args.recipe}, group {args.group_size}" if args.bits else "not quantized"
-        print(f"wrote {out} ({q})", file=sys.stderr)
+                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
+        quant = json.loads((out / "config.json").read_text()).get("quantization")
+        q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
+        if args.bits:
+            q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+        print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
 
     return run_reporting_errors(run, args.verbose)
 
@@ -364,5 +373,63 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
                                shard_bytes=int(args.shard_gb * 1e9))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+
+    return run_reporting_errors(run, args.verbose)
+
+
+# -- mlx-gemma4-server ----------------------------------------------------------------------------------------
+def build_server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-gemma4-server",
+                                description="Serve Gemma 4 over OpenAI- and Anthropic-compatible HTTP APIs.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory or Hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("MLX_GEMMA4_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY, or x-api-key); default $MLX_GEMMA4_API_KEY")
+    p.add_argument("--max-concurrency", type=_positive_int, default=8,
+                   help="requests decoded together (continuous batching); more wait in line")
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="reply length when a request sets none")
+    p.add_argument("--temp", type=_non_negative, default=0.0, help="temperature when a request sets none (0 = greedy)")
+    p.add_argument("--top-p", type=_probability, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=_probability, default=0.0)
+    p.add_argument("--thinking", action="store_true",
+                   help="think before answering unless a request says otherwise (reasoning_effort, thinking, ...)")
+    p.add_argument("--prompt-cache-mb", type=float, default=2048,
+                   help="memory for the KV caches of prompt prefixes kept for the next requests (0 turns reuse off)")
+    p.add_argument("--prompt-cache-entries", type=int, default=32, help="most prefixes kept")
+    p.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) media URLs (clients send data)")
+    p.add_argument("--fetch-max-mb", type=float, default=20, help="largest media file fetched from a URL")
+    p.add_argument("--fetch-timeout", type=float, default=10, help="seconds a media download may take")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body accepted")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16")
+    p.add_argument("--weights-dtype", default=None, help="storage dtype of float weights (as in mlx-gemma4)")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_verbose(p)
+    return p
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    parser = build_server_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p == 0:
+        parser.error("--top-p must be > 0")
+
+    def run() -> None:
+        from .server import serve
+
+        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
+        serve(model, processor, host=args.host, port=args.port, api_key=args.api_key or None,
+              max_body_bytes=int(args.max_body_mb * 2**20), log_level=args.log_level,
+              model_id=args.served_model_name or str(args.model), max_concurrency=args.max_concurrency,
+              max_tokens=args.max_tokens, enable_thinking=args.thinking,
+              prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), prompt_cache_entries=args.prompt_cache_entries,
+              fetch_urls=not args.no_fetch_urls, fetch_max_bytes=int(args.fetch_max_mb * 2**20),
+              fetch_timeout=args.fetch_timeout,
+              sampling_defaults=dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p))
 
     return run_reporting_errors(run, args.verbose)

@@ -1,6 +1,6 @@
 """Model modules whose weights are stored more compactly than the compute dtype.
 
-Two kinds: MLX affine-quantized weights (4/8-bit, packed uint32 with per-group scales and biases), and float
+Two kinds: MLX-quantized weights (packed uint32 with per-group scales, plus biases in the affine mode), and float
 weights kept in bfloat16/float16 while the model computes in float32 (`load(..., weights_dtype="bfloat16")`, half
 the memory of float32 weights). The products themselves live in `mlx_gemma4.kernels.products` (when the CPU unpacks
 a compact weight, and why).
@@ -12,16 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .kernels.products import compact_matmul, quantized_matmul
+from .kernels.products import compact_matmul, dequantize, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` (same parameters and file layout) computing through `quantized_matmul`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if getattr(self, "mode", "affine") != "affine":
-            return super().__call__(x)
-        y = quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                             self.mode)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -46,6 +45,18 @@ class CompactEmbedding(nn.Embedding):
         return compact_matmul(x, self.weight)
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose rows come out in `compute_dtype` (MLX dequantizes the floating-point modes
+    to bfloat16 unless told otherwise); the tied LM head (`as_linear`) stays MLX's quantized product."""
+
+    compute_dtype = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        biases = self.get("biases")
+        return dequantize(self["weight"][x], self["scales"][x], None if biases is None else biases[x],
+                          self.group_size, self.bits, self.mode, self.compute_dtype)
+
+
 def _as(cls, module: nn.Module) -> nn.Module:
     """A `cls` module holding `module`'s arrays and settings (the subclasses add products, no state)."""
     new = cls.__new__(cls)
@@ -56,18 +67,20 @@ def _as(cls, module: nn.Module) -> nn.Module:
 
 def use_products(model: nn.Module, compute_dtype: mx.Dtype | None = None) -> None:
     """Put the compact-aware products into the model's tree, as `nn.quantize` puts its quantized layers: every
-    `nn.QuantizedLinear` becomes a `QuantizedLinear` and, with `compute_dtype` (float weights stored narrower), every
-    float `nn.Linear` / `nn.Embedding` a `CompactLinear` / `CompactEmbedding`, holding the same arrays."""
-    swaps = {nn.QuantizedLinear: QuantizedLinear}
-    if compute_dtype is not None:
-        swaps.update({nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding})
+    quantized linear and embedding becomes a `QuantizedLinear` / `QuantizedEmbedding` and, with `compute_dtype`,
+    every float `nn.Linear` / `nn.Embedding` whose weight is stored in another dtype a `CompactLinear` /
+    `CompactEmbedding`, holding the same arrays (embeddings then return rows in `compute_dtype`)."""
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+    compact_floats = {nn.Linear: CompactLinear, nn.Embedding: CompactEmbedding}
 
     def choose(_, module):
         cls = swaps.get(type(module))
+        if compute_dtype is not None and type(module) in compact_floats and module.weight.dtype != compute_dtype:
+            cls = compact_floats[type(module)]
         if cls is None:
             return module
         new = _as(cls, module)
-        if cls is CompactEmbedding:
+        if cls in (CompactEmbedding, QuantizedEmbedding) and compute_dtype is not None:
             new.compute_dtype = compute_dtype
         return new
 

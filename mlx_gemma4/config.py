@@ -552,11 +552,15 @@ class ModelConfig:
         )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
+def read_config_json(path: str | Path) -> dict:
+    """The JSON object in `config.json` of a checkpoint directory (or the file itself)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    d = read_json(file, ConfigError, MAX_CONFIG_BYTES)
-    return ModelConfig.from_dict(d)
+    return read_json(file, ConfigError, MAX_CONFIG_BYTES)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    return ModelConfig.from_dict(read_config_json(path))

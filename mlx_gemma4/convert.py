@@ -22,7 +22,9 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
+from . import layouts
 from .loading import load_model, resolve_path
+from .model import is_tower_param
 from .runtime import RuntimePolicy
 from .safetensors_io import save_shards
 
@@ -43,8 +45,11 @@ def source_dtype(config: dict) -> str:
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
             recipe: str = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
-            overwrite: bool = False) -> Path:
-    """Convert `src` (directory or Hub id) into an MLX checkpoint at `out`; returns `out`."""
+            overwrite: bool = False, fmt: str = "mlx-vlm") -> Path:
+    """Convert `src` (directory or Hub id, any layout `load` reads) into an MLX checkpoint at `out` in `fmt`
+    ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`."""
+    if fmt not in layouts.FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(layouts.FORMATS)})")
     src_path = resolve_path(src)
     out = Path(out)
     if out.resolve() == src_path.resolve():
@@ -58,16 +63,17 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     policy = RuntimePolicy.from_arguments(dtype)
     target = policy.dtype
     model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy)
+    if "lm_head" in model and fmt == "mlx-vlm":
+        raise ValueError("mlx-vlm's Gemma 4 ties the LM head to the token embeddings, but this checkpoint has its "
+                         "own lm_head; use --format mlx-lm")
+    config = layouts.mlx_config(raw, model.config, layouts.mlx_quantization_entry(model), fmt)
+    config["dtype"] = str(target).split(".")[-1]
 
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
-    save_shards(weights, out, int(max_shard_gb * (1 << 30)))
-    config = dict(raw)
-    config.pop("quantization_config", None)
-    if model.config.quantization:
-        config["quantization"] = model.config.quantization
-    config["dtype"] = str(target).split(".")[-1]
-    config.pop("torch_dtype", None)
+    if fmt == "mlx-lm":
+        weights = {k: v for k, v in weights.items() if not is_tower_param(k)}
+    save_shards(layouts.to_mlx_layout(weights), out, int(max_shard_gb * (1 << 30)))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SIDE_FILES:
         if (src_path / name).is_file():

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import AttentionInputs
-from .config import DRAFTER_TYPES, SLIDING, ConfigError, TextConfig
+from .config import DRAFTER_TYPES, SLIDING, ConfigError, TextConfig, read_config_json
 from .norm import RMSNorm
 from .runtime import RuntimePolicy
 from .text import DecoderLayer
@@ -246,21 +246,10 @@ def load_drafter(path_or_repo: str | os.PathLike, target=None, *, dtype: mx.Dtyp
 
     With `target` (a model from load()), the pair is checked (ConfigError naming the mismatch) and the drafter takes
     the target's compute dtype unless `dtype` is given."""
-    import json
-
     from .loading import CheckpointError, apply_quantization, check_weights, read_weights, resolve_path
 
     path = resolve_path(path_or_repo, revision)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_file} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError("config.json must hold a JSON object")
-    config = DrafterConfig.from_dict(raw)
+    config = DrafterConfig.from_dict(read_config_json(path))
     drafter = Drafter(config)
     if target is not None:
         check_pair(drafter, target)

@@ -8,6 +8,9 @@
 * Hugging Face names map onto our module tree by dropping the leading `model.` (Gemma4ForCausalLM's
   `model.X` becomes `language_model.X`). The k/v projections that the real E2B/E4B files still carry for
   KV-shared layers are dropped. Anything else missing, unexpected or mis-shaped is one error listing it all.
+* MLX conversions by mlx-lm and mlx-vlm (and ours) load the same way: `layouts` maps their names and split expert
+  banks onto our tree and reads each module's quantization (any MLX mode) off its tensors, checked against the
+  config. A tower whose tensors are all absent (text-only conversions) is left out.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import layouts
 from .config import ModelConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError
 from .limits import check_against_tensors
@@ -91,9 +95,13 @@ def to_our_name(hf_name: str, config: ModelConfig) -> str:
 
 
 def sanitize(weights: dict[str, mx.array], model: Gemma4) -> dict[str, mx.array]:
-    """HF (or our) names -> ours; drop tied/unused tensors; let towers convert their own layouts."""
+    """HF, mlx-lm/mlx-vlm (see layouts) or our names -> ours; drop tied/unused tensors; let towers convert their
+    own layouts. Consumes `weights`."""
     config = model.config
     text = config.text
+    weights, problems = layouts.from_mlx_layout(weights)
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
     out: dict[str, mx.array] = {}
     for name, w in weights.items():
         ours = to_our_name(name, config)
@@ -168,14 +176,12 @@ def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if is_tower_param(path):
-            return False  # towers stay in float: small, and their clipped linears need exact bounds
         rule = plan.get(path, True)
-        if rule is False:
-            return False
         if isinstance(rule, dict):
-            return rule
-        return _quantizable(module, gs) and {"group_size": gs, "bits": bits}
+            return rule  # explicit, towers included (a checkpoint quantized by mlx-vlm, see layouts)
+        if rule is False or is_tower_param(path):
+            return False  # towers stay in float: small, and their clipped linears need exact bounds
+        return _quantizable(module, gs) and {"group_size": gs, "bits": bits, "mode": plan.get("mode", "affine")}
 
     nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
     use_products(model)
@@ -218,11 +224,19 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     Consumes `hf_weights` (the dict is emptied): with no other reference left, each stored tensor is freed as soon
     as its cast copy exists, so loading never holds the checkpoint twice."""
     policy = policy or RuntimePolicy.from_arguments()
+    layouts.drop_absent_towers(config, hf_weights)  # text-only conversions keep the towers' configs
     model = build_model(config)
     weights = sanitize(hf_weights, model)
     hf_weights.clear()
-    if config.quantization:
-        apply_quantization(model, config.quantization)
+    plan, problems = layouts.checkpoint_quantization(
+        model, weights, config.raw, lambda name: to_our_name(layouts.our_module_path(name), config))
+    if problems:
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        raise CheckpointError(f"quantized checkpoint{f' {path}' if path else ''} does not load "
+                              f"({len(problems)} problems):\n  " + "\n  ".join(shown))
+    if plan:
+        apply_quantization(model, plan)
+        config.quantization = plan
     target = policy.dtype
     check_weights(model, weights)
     # quantized models are compact already: their scales and biases (and the matrices about to be quantized) stay
@@ -234,12 +248,12 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
     del weights
     if quantize:
         if config.quantization:
-            raise ValueError(f"{path} is already quantized ({config.quantization}); quantize=None to load it")
+            settings = {k: v for k, v in config.quantization.items() if k in ("group_size", "bits", "mode")}
+            raise ValueError(f"{path} is already quantized ({settings}); quantize=None to load it")
         plan = quantization_plan(model, quantize, group_size, recipe)
         apply_quantization(model, plan)
         config.quantization = plan
-    if compact != target:
-        use_products(model, target)  # products that upcast compact weights (mlx_gemma4.compact)
+    use_products(model, target)  # quantized and compact weights' products in `target` (mlx_gemma4.compact)
     model.policy = policy
     model.eval()
     if not lazy:

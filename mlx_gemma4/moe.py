@@ -11,6 +11,8 @@ output is the routing-weighted sum of its k experts' GeGLU MLPs. The bank is rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -61,35 +63,73 @@ class Experts(nn.Module):
         """x (T, H), indices and weights (T, k) -> (T, H): each token's k experts' outputs, weighted and summed."""
         return expert_glu(x, indices, weights, ExpertBank(self.gate_up_proj), ExpertBank(self.down_proj))
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4, **kwargs) -> "QuantizedExperts":
-        return QuantizedExperts.from_experts(self, group_size, bits)
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", *,
+                     gate_up_proj: dict | bool | None = None, down_proj: dict | bool | None = None,
+                     **kwargs) -> "QuantizedExperts":
+        """Both banks quantized alike, unless `gate_up_proj` / `down_proj` give a bank its own {group_size, bits,
+        mode} (mixed recipes give the down bank more bits) or False to keep it in float (mlx-lm leaves a bank
+        whose input width is not a multiple of the group size in float)."""
+        default = BankQuantization(group_size, bits, mode)
+
+        def spec(override):
+            if override is False:
+                return None
+            return BankQuantization(**{**default.__dict__, **override}) if isinstance(override, dict) else default
+
+        return QuantizedExperts.from_experts(self, spec(gate_up_proj), spec(down_proj))
+
+
+@dataclass(frozen=True)
+class BankQuantization:
+    """How one expert bank is quantized (mx.quantize's group_size, bits, mode)."""
+
+    group_size: int
+    bits: int
+    mode: str = "affine"
 
 
 class QuantizedExperts(nn.Module):
-    """MLX affine-quantized expert bank: `<bank>` packed uint32 plus `<bank>_scales` / `<bank>_biases`."""
+    """MLX-quantized expert banks: `<bank>` packed uint32, `<bank>_scales`, and `<bank>_biases` in the affine mode.
+    Each bank has its own quantization (`quantization[bank]`), or None for a bank kept in float."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, group_size: int, bits: int):
+    def __init__(self, num_experts: int, hidden: int, inter: int, gate_up: BankQuantization | None,
+                 down: BankQuantization | None):
         super().__init__()
-        self.group_size, self.bits = group_size, bits
+        self.quantization = {"gate_up_proj": gate_up, "down_proj": down}
         for name, (out_dim, in_dim) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
-            setattr(self, name, mx.zeros((num_experts, out_dim, in_dim * bits // 32), mx.uint32))
-            setattr(self, name + "_scales", mx.zeros((num_experts, out_dim, in_dim // group_size)))
-            setattr(self, name + "_biases", mx.zeros((num_experts, out_dim, in_dim // group_size)))
+            q = self.quantization[name]
+            if q is None:
+                setattr(self, name, mx.zeros((num_experts, out_dim, in_dim)))
+                continue
+            groups = (num_experts, out_dim, in_dim // q.group_size)
+            setattr(self, name, mx.zeros((num_experts, out_dim, in_dim * q.bits // 32), mx.uint32))
+            setattr(self, name + "_scales", mx.zeros(groups, mx.float32 if q.mode == "affine" else mx.uint8))
+            if q.mode == "affine":
+                setattr(self, name + "_biases", mx.zeros(groups))
 
     @classmethod
-    def from_experts(cls, experts: Experts, group_size: int, bits: int) -> "QuantizedExperts":
+    def from_experts(cls, experts: Experts, gate_up: BankQuantization | None,
+                     down: BankQuantization | None) -> "QuantizedExperts":
         E, two_i, H = experts.gate_up_proj.shape
-        q = cls(E, H, two_i // 2, group_size, bits)
-        for name in ("gate_up_proj", "down_proj"):
-            w, scales, biases = mx.quantize(getattr(experts, name), group_size=group_size, bits=bits)
+        q = cls(E, H, two_i // 2, gate_up, down)
+        for name, spec in q.quantization.items():
+            if spec is None:
+                setattr(q, name, getattr(experts, name))
+                continue
+            w, scales, *biases = mx.quantize(getattr(experts, name), group_size=spec.group_size, bits=spec.bits,
+                                             mode=spec.mode)
             setattr(q, name, w)
             setattr(q, name + "_scales", scales)
-            setattr(q, name + "_biases", biases)
+            if biases:
+                setattr(q, name + "_biases", biases[0])
         return q
 
     def bank(self, name: str) -> ExpertBank:
-        return ExpertBank(getattr(self, name), getattr(self, name + "_scales"), getattr(self, name + "_biases"),
-                          self.bits, self.group_size)
+        q = self.quantization[name]
+        if q is None:
+            return ExpertBank(self[name])
+        return ExpertBank(self[name], self[name + "_scales"], self.get(name + "_biases"), q.bits, q.group_size,
+                          q.mode)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         return expert_glu(x, indices, weights, self.bank("gate_up_proj"), self.bank("down_proj"))

@@ -48,15 +48,9 @@ class PromptCache:
 
 def _layout(model) -> list[str]:
     """Per layer: 'shared' (no cache), 'full', or 'sliding:<window>'."""
-    out = []
-    for c in model.make_cache():
-        if c is None:
-            out.append("shared")
-        elif isinstance(c, RotatingKVCache):
-            out.append(f"sliding:{c.window}")
-        else:
-            out.append("full")
-    return out
+    caches = model.make_cache()  # KV-shared layers (the last ones) have none
+    kinds = [f"sliding:{c.window}" if isinstance(c, RotatingKVCache) else "full" for c in caches]
+    return kinds + ["shared"] * (model.text_config.num_hidden_layers - len(caches))
 
 
 # -- fingerprints -------------------------------------------------------------------------------------------------
@@ -97,7 +91,9 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, model, metada
     for i, c in enumerate(prompt_cache.caches):
         if c is None or c.offset == 0:
             continue
-        keys, values = c.state
+        keys, values = c.state[:2]  # oldest first
+        if isinstance(c, RotatingKVCache):  # what decoding (and a drafter) reads: the last window + 1
+            keys, values = keys[..., -c.history:, :], values[..., -c.history:, :]
         arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"] = keys, values
     if prompt_cache.offset != len(prompt_cache.tokens):
         raise ValueError(f"prompt cache holds {prompt_cache.offset} positions but {len(prompt_cache.tokens)} token ids")
@@ -177,7 +173,7 @@ def load_prompt_cache(path: str | Path, model, processor=None) -> tuple[PromptCa
         if not offset:
             continue
         keys, values = arrays.get(f"layers.{i}.keys"), arrays.get(f"layers.{i}.values")
-        held = min(offset, c.window) if isinstance(c, RotatingKVCache) else offset
+        held = min(offset, c.history) if isinstance(c, RotatingKVCache) else offset
         heads, dims = text.layer_kv_heads[i], text.layer_head_dims[i]
         for name, a in (("keys", keys), ("values", values)):
             if a is None:
@@ -193,9 +189,10 @@ def load_prompt_cache(path: str | Path, model, processor=None) -> tuple[PromptCa
             raise PromptCacheError(f"prompt cache {path}: layer {i} keys have head size {keys.shape[3]}; the "
                                    f"model's is {dims}")
         keys, values = keys.astype(model.dtype), values.astype(model.dtype)
-        if isinstance(c, RotatingKVCache):
-            c.offset = offset  # the setter places temporally ordered entries by absolute position
-        c.state = (keys, values)
+        if isinstance(c, RotatingKVCache):  # its last entries, oldest first, ending at position `offset`
+            c.state = (keys, values, offset, 0, c.window, held)
+        else:
+            c.state = (keys, values, offset)
     pc = PromptCache(caches, tokens)
     pc.eval()
     try:

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Attention, AttentionInputs
-from .cache import KVCache, RotatingKVCache
+from .cache import KVCache, RotatingKVCache, is_native
 from .config import SLIDING, TextConfig
 from .mlp import MLP
 from .moe import Experts, Router
@@ -117,18 +117,15 @@ class TextModel(nn.Module):
                  block_ids: mx.array | None = None, last_only: bool = False) -> mx.array:
         """ids (B, L) token ids (multimodal placeholders already replaced by pad for the PLE lookup);
         inputs_embeds optionally overrides the token embeddings (merged image/audio features).
+        cache: per-layer caches as `make_cache()` makes them (KV-shared layers have none; a full-length list
+        with None there works too), or any caches speaking mlx-lm's protocol (e.g. its batch caches).
         Returns final-normed hidden states (B, L, H), or (B, 1, H) with last_only."""
         cfg = self.config
         x = self.embed(ids) if inputs_embeds is None else inputs_embeds  # (B, L, H)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None  # (B, L, layers, P)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        offset = next((c.offset for c in cache if c is not None), 0)
-        if offset + x.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"context too long: {offset} cached + {x.shape[1]} new tokens exceed the model's "
-                             f"context length of {cfg.max_position_embeddings} tokens (fewer or smaller images, "
-                             "a shorter prompt, or a new conversation)")
-        step = AttentionInputs(offset=offset, block_ids=block_ids)
+        L = x.shape[1]
+        caches = list(cache or []) + [None] * (len(self.layers) - len(cache or []))
+        step = self._step_inputs(caches, L, block_ids)
 
         produced: dict[int, tuple] = {}
         for i, layer in enumerate(self.layers):
@@ -137,20 +134,53 @@ class TextModel(nn.Module):
                 shared = produced[cfg.kv_producer(i)]
                 if last_only and x.shape[1] > 1:
                     # KV-shared layers write no cache, so only the last position is needed from here on.
-                    L = x.shape[1]
                     x = x[:, -1:]
                     ple = ple[:, -1:] if ple is not None else None
-                    step = AttentionInputs(offset=step.offset + L - 1,
-                                           block_ids=None if step.block_ids is None else step.block_ids[-1:])
-            x, kv = layer(x, step, cache[i], None if ple is None else ple[:, :, i], shared)
+                    step = last_query(step, L)
+            x, kv = layer(x, step, caches[i], None if ple is None else ple[:, :, i], shared)
             produced[i] = kv
         if last_only:
             x = x[:, -1:]
         return self.norm(x)
 
-    def make_cache(self) -> list:
-        """One cache per layer; KV-shared layers get None (they read their producer's)."""
+    def _step_inputs(self, caches: list, L: int, block_ids) -> AttentionInputs:
+        """Positions (and, for caches other than ours, each layer type's mask) of the L new tokens."""
         cfg = self.config
-        return [None if cfg.is_kv_shared(i) else
-                (RotatingKVCache(cfg.sliding_window) if t == SLIDING else KVCache())
-                for i, t in enumerate(cfg.layer_types)]
+        present = [c for c in caches if c is not None]
+        offset = present[0].offset if present else 0
+        if isinstance(offset, int) and offset + L > cfg.max_position_embeddings:
+            raise ValueError(f"context too long: {offset} cached + {L} new tokens exceed the model's "
+                             f"context length of {cfg.max_position_embeddings} tokens (fewer or smaller images, "
+                             "a shorter prompt, or a new conversation)")
+        if all(is_native(c) for c in present):
+            return AttentionInputs(offset=offset, block_ids=block_ids)
+        # The mask path: mlx-lm's caches (its batch caches with left padding and per-row positions, or what
+        # its prompt-cache loader rebuilds). Masks come from each layer type's cache before it is updated.
+        if block_ids is not None:
+            raise ValueError("prompts with images attend bidirectionally within each image; run them through "
+                             "this model's own caches (model.make_cache()), not mlx-lm's")
+        if any(hasattr(c, "bits") for c in present):
+            raise ValueError("quantized KV caches (mlx-lm's kv_bits) are not supported: generate without kv_bits")
+        masks = {}
+        for i, kind in enumerate(cfg.layer_types[: cfg.first_kv_shared_layer]):
+            if kind not in masks and caches[i] is not None:
+                window = cfg.sliding_window if kind == SLIDING else None
+                masks[kind] = caches[i].make_mask(L, return_array=False, window_size=window)
+        return AttentionInputs(offset=offset, masks=masks)
+
+    def make_cache(self) -> list:
+        """One cache per layer that computes keys and values; KV-shared layers (always the last ones) read
+        their producer's and get none, so the list is shorter than the layers (mlx-lm's convention)."""
+        cfg = self.config
+        return [RotatingKVCache(cfg.sliding_window) if t == SLIDING else KVCache()
+                for t in cfg.layer_types[: cfg.first_kv_shared_layer]]
+
+
+def last_query(step: AttentionInputs, L: int) -> AttentionInputs:
+    """The inputs of the last of L queries alone."""
+    masks = None
+    if step.masks is not None:
+        # one query sees every key it may (a causal mask's last row is all True)
+        masks = {k: m[..., -1:, :] if isinstance(m, mx.array) else None for k, m in step.masks.items()}
+    return AttentionInputs(offset=step.offset + L - 1, masks=masks,
+                           block_ids=None if step.block_ids is None else step.block_ids[-1:])

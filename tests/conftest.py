@@ -43,6 +43,22 @@ def text_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def text_model(text_checkpoint):
+    """Factory: text_model(variant) -> our float32 model of text_checkpoint(variant), loaded once per session
+    (models hold no state between calls: caches are the caller's)."""
+    from mlx_gemma4 import load
+
+    made: dict[str, object] = {}
+
+    def get(variant: str):
+        if variant not in made:
+            made[variant] = load(text_checkpoint(variant), dtype="float32")[0]
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def multimodal_checkpoint(tmp_path_factory):
     """Factory: multimodal_checkpoint(text_variant, vision_variant=None) -> Path of a saved tiny
     Gemma4ForConditionalGeneration (text + vision tower; vision variant defaults to the published pairing)."""

@@ -42,6 +42,36 @@ def test_quantized_matmul_paths(rows):
         assert mx.array_equal(products.quantized_matmul(x, q, s, b, 64, 4), want)
 
 
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 3, 64), ("affine", 6, 32), ("mxfp4", 4, 32),
+                                                   ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_quantized_matmul_every_mode(mode, bits, group_size, rows):
+    """Every MLX quantization mode: the one-row product is MLX's own, the many-row product the unpacked one (the
+    floating-point modes have no biases)."""
+    w = mx.random.normal((96, 128), key=mx.random.key(bits))
+    q, s, *b = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    b = b[0] if b else None
+    x = mx.random.normal((rows, 128), key=mx.random.key(2))
+    want = mx.quantized_matmul(x, q, s, b, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    got = products.quantized_matmul(x, q, s, b, group_size, bits, mode)
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+    layer = nn.Linear(128, 96, bias=False)
+    layer.weight = w
+    model = nn.Sequential(nn.QuantizedLinear.from_linear(layer, group_size, bits, mode=mode))
+    compact.use_products(model)
+    assert isinstance(model.layers[0], compact.QuantizedLinear)
+    np.testing.assert_allclose(np.array(model(x)), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_quant_params_problem():
+    assert products.quant_params_problem(64, 4, "affine") is None
+    assert products.quant_params_problem(16, 4, "nvfp4") is None
+    assert "unknown quantization mode 'fp3'" in products.quant_params_problem(32, 3, "fp3")
+    assert "takes group size 32, got 64" in products.quant_params_problem(64, 4, "mxfp4")
+    assert "takes bits 2 or 3 or 4 or 5 or 6 or 8, got 7" in products.quant_params_problem(64, 7, "affine")
+
+
 def test_loaded_quantized_model_uses_fast_linears(text_checkpoint):
     model, _ = load(text_checkpoint("e2b"), quantize=4)
     linears = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]

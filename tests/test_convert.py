@@ -153,12 +153,13 @@ def test_convert_errors(chat_checkpoint, tmp_path, capsys):
 def test_moe_expert_banks_quantize_with_group_32(chat_checkpoint, reference, tmp_path):
     """The tiny 26b's experts (intermediate 32) only fit group size 32: converted, they are 4-bit banks and the
     router stays at 8 bits under `mixed`. Measured KL vs float32: 0.018."""
-    from mlx_gemma4.moe import QuantizedExperts
+    from mlx_gemma4.moe import BankQuantization, QuantizedExperts
 
     out = convert(chat_checkpoint("26b"), tmp_path / "g32", bits=4, group_size=32, recipe="mixed", dtype="float32")
     model, _ = load(out)
     experts = [m for n, m in model.named_modules() if n.endswith(".experts")]
-    assert experts and all(isinstance(m, QuantizedExperts) and m.bits == 4 and m.group_size == 32 for m in experts)
+    banks = {"gate_up_proj": BankQuantization(32, 4), "down_proj": BankQuantization(32, 4)}
+    assert experts and all(isinstance(m, QuantizedExperts) and m.quantization == banks for m in experts)
     assert _bits_of(model)["language_model.layers.0.router.proj"] == 8
     ids, ref = reference["26b"]
     assert _kl(ref, np.array(model(ids))) < KL_BOUND[4]

@@ -137,6 +137,9 @@ def test_a_drafter_for_another_target_is_a_clear_error(target_path, drafter_path
     narrow = family.make_assistant_checkpoint(tmp_path / "narrow", "e2b", backbone_hidden_size=48)
     with pytest.raises(ConfigError, match="backbone_hidden_size.*hidden size is 64"):
         load_drafter(narrow, e2b_target)
+    small_vocab = family.make_assistant_checkpoint(tmp_path / "vocab", "e2b", text_overrides={"vocab_size": 256})
+    with pytest.raises(ConfigError, match=r"drafter vocabulary \(256\) != target vocabulary \(512\)"):
+        load_drafter(small_vocab, e2b_target)
     with pytest.raises(ConfigError, match="MTP drafter"):
         load(drafter_path("e2b"))
     with pytest.raises(ConfigError, match="not an MTP drafter"):

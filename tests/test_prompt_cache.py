@@ -38,8 +38,10 @@ def test_reloaded_prefix_generates_like_no_cache(chat_checkpoint, tmp_path, vari
     for a, b in zip(saved.caches, loaded.caches):
         if a is not None:
             assert a.offset == b.offset
-            for x, y in zip(a.state, b.state):
-                np.testing.assert_array_equal(np.array(x), np.array(y))
+            for x, y in zip(a.state[:2], b.state[:2]):  # the file keeps a sliding cache's last window + 1
+                np.testing.assert_array_equal(np.array(x[..., -y.shape[2]:, :]), np.array(y))
+            if isinstance(a, RotatingKVCache):
+                assert b.state[0].shape[2] == a.history
 
     with_cache = [c for c in stream_generate(model, processor, ids, max_tokens=10, stop_token_ids=[],
                                              prompt_cache=loaded)]

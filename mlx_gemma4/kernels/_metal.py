@@ -14,6 +14,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .verdicts import VerdictStore
+
 KernelFactory = Callable[..., Callable]
 
 
@@ -33,6 +35,21 @@ class KernelRunner:
     def __init__(self, factory: KernelFactory | None = None):
         self.factory = factory or mx.fast.metal_kernel
         self._cache: dict[str, Callable] = {}
+        self._verdicts = None
+
+    @property
+    def device(self) -> str:
+        """The device its kernels run on: the Metal GPU's name, or the installed factory's name."""
+        if self.factory is mx.fast.metal_kernel:
+            return str(mx.metal.device_info().get("device_name", "metal"))
+        return f"{getattr(self.factory, '__module__', '?')}.{getattr(self.factory, '__qualname__', '?')}"
+
+    @property
+    def verdicts(self):
+        """This runner's kernel verdicts (`verdicts.VerdictStore`), made on first use."""
+        if self._verdicts is None:
+            self._verdicts = VerdictStore(self.device)
+        return self._verdicts
 
     @property
     def compiled(self) -> set[str]:

@@ -23,6 +23,28 @@ import mlx.core as mx
 
 UNPACK_MIN_ROWS = 8  # measured break-even on CPU is ~5 rows for a 4-bit 1408x2816 matrix
 
+# MLX's quantization modes (mx.quantize) and the bits / group sizes each takes. Only affine stores biases; the
+# floating-point modes store uint8 scales (shared exponents) and no biases.
+QUANT_MODES = {
+    "affine": {"bits": (2, 3, 4, 5, 6, 8), "group_sizes": (32, 64, 128)},
+    "mxfp4": {"bits": (4,), "group_sizes": (32,)},
+    "mxfp8": {"bits": (8,), "group_sizes": (32,)},
+    "nvfp4": {"bits": (4,), "group_sizes": (16,)},
+}
+
+
+def quant_params_problem(group_size, bits, mode) -> str | None:
+    """Why (group_size, bits, mode) is not a quantization MLX can run, or None if it is."""
+    if mode not in QUANT_MODES:
+        return f"unknown quantization mode {mode!r} (MLX has {', '.join(QUANT_MODES)})"
+    allowed = QUANT_MODES[mode]
+    if bits not in allowed["bits"]:
+        return f"{mode} quantization takes bits {' or '.join(map(str, allowed['bits']))}, got {bits!r}"
+    if group_size not in allowed["group_sizes"]:
+        sizes = " or ".join(map(str, allowed["group_sizes"]))
+        return f"{mode} quantization takes group size {sizes}, got {group_size!r}"
+    return None
+
 _UNSET = object()
 # an explicit use_unpack_rows() block, then the running model's policy, then default_unpack_min_rows()
 _unpack_override: contextvars.ContextVar = contextvars.ContextVar("unpack_rows_override", default=_UNSET)
@@ -72,20 +94,23 @@ def _unpacker(bits: int, group_size: int):
     return mx.compile(unpack)
 
 
-def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """The float matrix behind an affine-quantized one, in the scales' dtype (same values as `mx.dequantize`,
-    ~2.5x faster on the CPU backend)."""
-    if 32 % bits:
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
-    return _unpacker(bits, group_size)(w, scales, biases)
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+               mode: str = "affine", dtype: mx.Dtype | None = None) -> mx.array:
+    """The float matrix behind a quantized one, in `dtype` (default: the affine scales' dtype, float32 for the
+    other modes). Same values as `mx.dequantize`; affine with 2/4/8 bits runs ~2.5x faster on the CPU backend."""
+    if mode != "affine" or 32 % bits:
+        dtype = dtype or (scales.dtype if mode == "affine" else mx.float32)
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype)
+    out = _unpacker(bits, group_size)(w, scales, biases)
+    return out if dtype is None else out.astype(dtype)
 
 
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-                     bits: int) -> mx.array:
-    """x @ W.T for an affine-quantized W (out, in): unpacked + float matmul when x has enough rows on the CPU."""
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                     bits: int, mode: str = "affine") -> mx.array:
+    """x @ W.T for a quantized W (out, in): unpacked + float matmul when x has enough rows on the CPU."""
     if _unpacks(x):
-        return x @ dequantize(w, scales, biases, group_size, bits).astype(x.dtype).swapaxes(-1, -2)
-    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return x @ dequantize(w, scales, biases, group_size, bits, mode, x.dtype).swapaxes(-1, -2)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
 def compact_matmul(x: mx.array, w: mx.array) -> mx.array:

@@ -33,22 +33,27 @@ BUILTIN_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "gemma
 
 # -- finding the template -------------------------------------------------------------------------------------
 def load_chat_template(directory: str | Path | None) -> str:
-    """The checkpoint's template: `chat_template.jinja`, else `chat_template` in tokenizer_config.json (a string,
-    or a list of {name, template} whose "default" entry is used), else the built-in Gemma 4 template."""
-    if directory is not None:
-        directory = Path(directory)
-        jinja_file = directory / "chat_template.jinja"
-        if jinja_file.is_file():
-            return jinja_file.read_text()
-        config_file = directory / "tokenizer_config.json"
-        if config_file.is_file():
-            template = read_json(config_file).get("chat_template")
-            if isinstance(template, list):
-                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-                template = named.get("default") or next(iter(named.values()), None)
-            if isinstance(template, str) and template:
-                return template
-    return BUILTIN_TEMPLATE.read_text()
+    """The checkpoint's template (`checkpoint_chat_template`), else the built-in Gemma 4 template."""
+    template = checkpoint_chat_template(directory) if directory is not None else None
+    return template if template is not None else BUILTIN_TEMPLATE.read_text()
+
+
+def checkpoint_chat_template(directory: str | Path) -> str | None:
+    """`chat_template.jinja`, else `chat_template` in tokenizer_config.json (a string, or a list of
+    {name, template} whose "default" entry is used), else None."""
+    directory = Path(directory)
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        template = read_json(config_file).get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if isinstance(template, str) and template:
+            return template
+    return None
 
 
 # -- rendering ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 `Processor.from_pretrained(directory)` reads tokenizer.json / tokenizer_config.json, the chat template
 (chat_template.jinja, tokenizer_config.json, or the built-in Gemma 4 one), the stop tokens
-(generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>) and processor_config.json.
+(generation_config.json `eos_token_id`, else config.json's; plus <eos> and <turn|>) and processor_config.json. A
+checkpoint without a chat template or (with towers) processor_config.json gets the published Gemma 4 ones shipped
+in the package, with a warning naming them.
 
 `prompt_inputs(messages)` turns a conversation into (token ids, media arrays), as transformers'
 `Gemma4Processor.apply_chat_template(messages, tokenize=True, return_dict=True)` does: images, audio clips and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,11 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, read_json
-from .chat import load_chat_template, parse_tool_calls, render_chat, split_thinking, template_literal_text
+from .chat import (BUILTIN_TEMPLATE, checkpoint_chat_template, parse_tool_calls, render_chat, split_thinking,
+                   template_literal_text)
 from .messages import (MEDIA_KINDS, MediaItem, assign_keyword_media, control_token_pattern, mark_control_tokens,
                        split_marked, split_media)
 from .media import resolve_source
 from .tokenizer import Tokenizer
+
+# google/gemma-4-*-it's processor_config.json (image, video and audio settings; the same for all four models)
+PUBLISHED_PROCESSOR_CONFIG = Path(__file__).resolve().parent.parent / "presets" / "processor_config.json"
 
 # Per media kind: the tokenizer's names of (placeholder, begin, end); video frames use the image begin/end.
 _PLACEHOLDER_NAMES = {"image": ("image", "image_start", "image_end"), "audio": ("audio", "audio_start", "audio_end"),
@@ -73,7 +80,7 @@ class Processor:
     tokenizer: Tokenizer
     chat_template: str
     stop_token_ids: list[int] = field(default_factory=list)
-    processor_config: dict = field(default_factory=dict)  # processor_config.json, if any
+    processor_config: dict = field(default_factory=dict)  # processor_config.json (else Gemma 4's published one)
     model_type: str = "gemma4"  # gemma4_unified (12B) takes merged image patches and raw waveform frames
 
     @classmethod
@@ -83,11 +90,28 @@ class Processor:
         if not (directory / "tokenizer.json").is_file():
             return None
         tokenizer = Tokenizer.from_pretrained(directory)
+        fallbacks = []  # files the checkpoint lacks, replaced by the published Gemma 4 ones shipped here
+        chat_template = checkpoint_chat_template(directory)
+        if chat_template is None:
+            chat_template = BUILTIN_TEMPLATE.read_text()
+            fallbacks.append("chat_template.jinja")
+        model_type = getattr(config, "model_type", None) or "gemma4"
         proc_file = directory / "processor_config.json"
-        return cls(tokenizer=tokenizer, chat_template=load_chat_template(directory),
+        if proc_file.is_file():
+            processor_config = read_json(proc_file)
+        elif model_type == "gemma4":  # the 12B's processors keep their own defaults
+            processor_config = read_json(PUBLISHED_PROCESSOR_CONFIG)
+            if config is not None and (config.vision is not None or config.audio is not None):
+                fallbacks.append("processor_config.json")  # only towers read it
+        else:
+            processor_config = {}
+        if fallbacks:
+            warnings.warn(f"{directory} has no {', '.join(fallbacks)}: using the published Gemma 4 "
+                          f"{' and '.join(f.split('.')[0].replace('_', ' ') for f in fallbacks)} shipped with "
+                          "mlx_gemma4", stacklevel=4)
+        return cls(tokenizer=tokenizer, chat_template=chat_template,
                    stop_token_ids=read_stop_token_ids(directory, tokenizer, config),
-                   processor_config=read_json(proc_file) if proc_file.is_file() else {},
-                   model_type=getattr(config, "model_type", None) or "gemma4")
+                   processor_config=processor_config, model_type=model_type)
 
     # -- text -----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,

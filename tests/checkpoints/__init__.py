@@ -9,6 +9,8 @@ This is the one place test checkpoints are made; every test module shares it (se
   tokenizer.py   tiny byte-fallback BPE tokenizers with Gemma 4's control tokens and chat template
   gguf_file.py   make_text_checkpoint() checkpoints rewritten as llama.cpp gemma4 GGUF files
   family.py      the newer family members: Gemma 4 12B (gemma4_unified) and the MTP drafters (assistants)
+  interop.py     conversions made by mlx-lm / mlx-vlm themselves, and their models on them (imported by the
+                 interop tests only: it needs mlx_lm and mlx_vlm)
 """
 
 from .audio import AUDIO_CONFIG, make_audio_checkpoint, randomize_audio_tower, tiny_audio_config

@@ -18,7 +18,7 @@ import copy
 import os
 from pathlib import Path
 
-from .text import MM_TOKEN_IDS, TEXT_VARIANTS, VOCAB, randomize_norms_and_scalars
+from .text import MM_TOKEN_IDS, TEXT_VARIANTS, randomize_norms_and_scalars
 
 _PLE_AND_MOE = ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
                 "top_k_experts", "moe_intermediate_size")
@@ -150,7 +150,8 @@ def make_assistant_model(target: str, seed: int = 0, *, text_overrides: dict | N
     randomize_norms_and_scalars(model, seed)
     if model.masked_embedding is not None:
         g = torch.Generator().manual_seed(seed + 11)
-        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=g))
+        ordering = model.masked_embedding.token_ordering
+        ordering.copy_(torch.randperm(ordering.numel(), generator=g))
     return model
 
 

@@ -105,7 +105,7 @@ def randomize_vision_tower(model, seed: int = 0) -> None:
 
 
 def make_multimodal_model(text_variant: str, vision_variant: str | None = None, seed: int = 0, *,
-                          audio: bool = False, text_extra: dict | None = None):
+                          audio: bool = False, text_extra: dict | None = None, audio_extra: dict | None = None):
     """A tiny random Gemma4ForConditionalGeneration (text + vision tower, + the audio tower if asked), float32,
     eval mode, with the multimodal token ids inside the tiny vocabulary."""
     import torch
@@ -115,7 +115,7 @@ def make_multimodal_model(text_variant: str, vision_variant: str | None = None, 
     text_config = Gemma4TextConfig(**dict(TEXT_VARIANTS[text_variant], **(text_extra or {}))).to_dict()
     config = Gemma4Config(text_config=text_config,
                           vision_config=vision_config(vision_variant or VISION_FOR_TEXT[text_variant]),
-                          audio_config=tiny_audio_config() if audio else None, **MM_TOKEN_IDS)
+                          audio_config=tiny_audio_config(**(audio_extra or {})) if audio else None, **MM_TOKEN_IDS)
     model = Gemma4ForConditionalGeneration(config).float().eval()
     randomize_norms_and_scalars(model, seed)
     randomize_vision_tower(model, seed)
@@ -125,11 +125,12 @@ def make_multimodal_model(text_variant: str, vision_variant: str | None = None, 
 
 
 def make_multimodal_checkpoint(out_dir: str | os.PathLike, text_variant: str, vision_variant: str | None = None,
-                               seed: int = 0, *, audio: bool = False, text_extra: dict | None = None) -> Path:
+                               seed: int = 0, *, audio: bool = False, text_extra: dict | None = None,
+                               audio_extra: dict | None = None) -> Path:
     """Save make_multimodal_model(...) into out_dir (keys model.language_model.*, model.vision_tower.*,
     model.embed_vision.*)."""
     out = Path(out_dir)
-    make_multimodal_model(text_variant, vision_variant, seed, audio=audio, text_extra=text_extra).save_pretrained(
-        out, safe_serialization=True)
+    make_multimodal_model(text_variant, vision_variant, seed, audio=audio, text_extra=text_extra,
+                          audio_extra=audio_extra).save_pretrained(out, safe_serialization=True)
     return out
 
