@@ -345,11 +345,14 @@ class BatchEngine:
         if request.logits_processors:
             logits = apply_logits_processors(request.logits_processors, history, logits)
         token = int(request.sampler(logits.astype(mx.float32)).item())
-        if token in request.stop_token_ids:
+        stops = token in request.stop_token_ids
+        if stops or request.limit == 1:  # it ends here; its caches are kept before anyone sees it finished
+            self._keep_cache(request, job.cache.caches, request.ids)
+        if stops:
             return request._emit(finish="stop")
         request._emit(token, logprobs=(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
         if request.done:  # a one-token limit
-            return self._keep_cache(request, job.cache.caches, request.ids)
+            return
         (uid,) = self._generator.insert(
             [[token]], max_tokens=[request.limit - 1], caches=[job.cache.caches],
             all_tokens=[list(request.ids)], samplers=[request.sampler],
@@ -368,13 +371,13 @@ class BatchEngine:
             request = self._decoding.get(r.uid)
             if request is None:
                 continue
+            if r.finish_reason is not None:  # caches kept before anyone sees it finished
+                del self._decoding[r.uid]
+                self._keep_cache(request, r.prompt_cache, r.all_tokens)
             if r.finish_reason == "stop":
                 request._emit(finish="stop")
             else:  # the request itself tells "length" from "context"
                 request._emit(r.token, logprobs=r.logprobs)
-            if r.finish_reason is not None:
-                del self._decoding[r.uid]
-                self._keep_cache(request, r.prompt_cache, r.all_tokens)
 
     def _keep_cache(self, request: Request, caches: list, tokens: list[int]) -> None:
         if request.keep_cache:

@@ -5,6 +5,7 @@
     mlx-gemma4-convert       --model ID --out DIR [--bits 4]              convert / quantize   (mlx_gemma4.convert)
     mlx-gemma4-memory        --model ID --context N                       memory planner       (mlx_gemma4.memory)
     mlx-gemma4-synth         --variant e2b --out DIR                      synthetic checkpoint (mlx_gemma4.synth)
+    mlx-gemma4-server        --model ID [--port 8080]                     OpenAI/Anthropic API (mlx_gemma4.server)
 
 Generation streams tokens to stdout; a stats line (prompt and generation tokens and tok/s, peak memory, BLAS)
 goes to stderr at the end.
@@ -20,8 +21,9 @@ import traceback
 from typing import Callable, Sequence
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
-# Failures a user can cause and fix (bad input, a missing or unreadable file, a prompt over the context, too
-# little memory): one line `error: ...`. ConfigError, CheckpointError, AudioError and ContextError are ValueErrors.
+# Failures a user can cause and fix: bad input (errors.InputError: ConfigError, CheckpointError, MediaError,
+# PromptCacheError; engine.ContextError; other ValueErrors), a missing or unreadable file, too little memory.
+# Each is one line `error: ...`; anything else is one line too, with a hint to rerun with --verbose.
 EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
 
 
@@ -109,12 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--image", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--image", nargs="+", default=[], metavar="PATH", help="images for the (first) message")
     p.add_argument("--max-soft-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
                    help="soft tokens per image (default: the checkpoint's, 280)")
-    p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--audio", nargs="+", default=[], metavar="PATH", help="audio clips for the (first) message")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
-    p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `mlx-gemma4-prompt-cache`")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="a prefix cache from `mlx-gemma4-prompt-cache` (with --prompt or --chat)")
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16 (default: the backend's best)")
     p.add_argument("--weights-dtype", default=None,
                    help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
@@ -131,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CHAT_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+CHAT_HELP = ("/image PATH and /audio PATH attach files to your next message, /reset starts a new conversation, "
+             "/exit (or Ctrl-D) quits")
 
 
 def _chat_inputs(first: str | None):
-    """The user's turns: `first` (from --prompt), then stdin lines; /exit, /quit or end of input stop."""
+    """The user's lines: `first` (from --prompt), then stdin; /exit, /quit or end of input stop."""
     if first is not None:
         yield first
     interactive = sys.stdin.isatty()
@@ -152,7 +156,7 @@ def _chat_inputs(first: str | None):
             yield text
 
 
-def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
+def _chat_turn(session, text: str, attachments: dict, gen_kwargs: dict, drop_oldest: bool):
     """Stream one reply to stdout; the last chunk. With drop_oldest, a turn over the context drops the oldest
     turns until it fits."""
     from .engine import ContextError
@@ -160,7 +164,7 @@ def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
     while True:
         try:
             chunk = None
-            for chunk in session.send(text, **gen_kwargs):
+            for chunk in session.send(text, images=attachments["image"], audio=attachments["audio"], **gen_kwargs):
                 print(chunk.text, end="", flush=True)
             return chunk
         except ContextError:
@@ -170,54 +174,64 @@ def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
             print("(dropped the oldest turn to make room)", file=sys.stderr, flush=True)
 
 
-def _run_chat(model, processor, args, gen_kwargs) -> None:
-    """The REPL. A failed turn (a prompt over the context, a bad file) is reported and the conversation goes on."""
+def _run_chat(model, processor, args, gen_kwargs, prompt_cache) -> None:
+    """The REPL. --image/--audio go with the first message, /image and /audio attach files to the next one. A
+    failed turn (a prompt over the context, a bad file) is reported and the conversation goes on."""
     from .session import ChatSession
 
-    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking)
+    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking,
+                          prompt_cache=prompt_cache)
+    attachments = {"image": list(args.image), "audio": list(args.audio)}
     for text in _chat_inputs(args.prompt):
-        if text == "/reset":
-            session.reset()
-            print("(new conversation)", file=sys.stderr, flush=True)
-            continue
+        command, _, rest = text.partition(" ")
         try:
-            chunk = _chat_turn(session, text, gen_kwargs, args.drop_oldest_turns)
+            if command == "/reset":
+                session.reset()
+                print("(new conversation)", file=sys.stderr, flush=True)
+            elif command in ("/image", "/audio"):
+                paths = rest.split()
+                _check_files(paths, command[1:])
+                attachments[command[1:]] += paths
+                print(f"(attached to your next message: {', '.join(paths) or 'nothing'})", file=sys.stderr,
+                      flush=True)
+            else:
+                turn, attachments = attachments, {"image": [], "audio": []}
+                chunk = _chat_turn(session, text, turn, gen_kwargs, args.drop_oldest_turns)
+                print(flush=True)
+                print(chunk.stats.summary(), file=sys.stderr, flush=True)
+                if chunk.stats.finish_reason == "context":
+                    print(f"(the context is full; {CHAT_HELP})", file=sys.stderr, flush=True)
         except EXPECTED_ERRORS as e:
             print(f"error: {_one_line(e)}; the conversation is kept ({CHAT_HELP})", file=sys.stderr, flush=True)
-            continue
-        print(flush=True)
-        print(chunk.stats.summary(), file=sys.stderr, flush=True)
-        if chunk.stats.finish_reason == "context":
-            print(f"(the context is full; {CHAT_HELP})", file=sys.stderr, flush=True)
 
 
 def _generate(args) -> int:
+    from .prompt_cache import load_prompt_cache
+
     _check_files(args.image, "image")
     _check_files(args.audio, "audio")
-    if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
-        raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
-                         "--no-chat-template)")
+    if (args.image or args.audio) and args.no_chat_template:
+        raise ValueError("--image/--audio need the chat template (drop --no-chat-template)")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
+    prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
     gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                      min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+                      min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                      max_soft_tokens=args.max_soft_tokens)
     if args.draft_model:
         from .drafter import load_drafter
 
         gen_kwargs.update(draft_model=load_drafter(args.draft_model, model), num_draft_tokens=args.num_draft_tokens)
     if args.chat:
         args.prompt = prompt
-        _run_chat(model, processor, args, gen_kwargs)
+        _run_chat(model, processor, args, gen_kwargs, prompt_cache)
         return 0
     from .generate import stream_generate
-    from .prompt_cache import load_prompt_cache
 
-    prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
     chunk = None
     for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
                                  use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                 images=args.image or None, audio=args.audio or None,
-                                 max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
+                                 images=args.image or None, audio=args.audio or None, **gen_kwargs):
         print(chunk.text, end="", flush=True)
     print(flush=True)
     print(chunk.stats.summary(), file=sys.stderr)
@@ -273,16 +287,21 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
+    from .kernels.products import QUANT_MODES
     from .layouts import FORMATS
 
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+                   help="quantize weights to this many bits (affine mode)")
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128), default=None,
+                   help="weights per scale (default: 64 in affine mode; the fp modes have their own)")
+    p.add_argument("--mode", choices=tuple(QUANT_MODES), default="affine",
+                   help="MLX quantization mode; mxfp4, mxfp8 and nvfp4 quantize without --bits")
     p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
+                   help="mixed: keep embeddings, PLE and MoE router at (affine) 8 bits")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
     p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
@@ -291,18 +310,19 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
     args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None:
+    if args.recipe == "mixed" and args.bits is None and args.mode == "affine":
         p.error("--recipe mixed needs --bits")
 
     def run() -> None:
         from .convert import convert
 
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
+                      mode=args.mode, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite,
+                      fmt=args.fmt)
         quant = json.loads((out / "config.json").read_text()).get("quantization")
         q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
-        if args.bits:
-            q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+        if quant and args.recipe != "uniform":
+            q += f", {args.recipe} recipe"
         print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
 
     return run_reporting_errors(run, args.verbose)
@@ -367,5 +387,63 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
                                shard_bytes=int(args.shard_gb * 1e9))
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         print(f"wrote {out} ({size / 1e9:.2f} GB, format {args.fmt}, bits {args.bits or 16})")
+
+    return run_reporting_errors(run, args.verbose)
+
+
+# -- mlx-gemma4-server ----------------------------------------------------------------------------------------
+def build_server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-gemma4-server",
+                                description="Serve Gemma 4 over OpenAI- and Anthropic-compatible HTTP APIs.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory or Hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("MLX_GEMMA4_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY, or x-api-key); default $MLX_GEMMA4_API_KEY")
+    p.add_argument("--max-concurrency", type=_positive_int, default=8,
+                   help="requests decoded together (continuous batching); more wait in line")
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="reply length when a request sets none")
+    p.add_argument("--temp", type=_non_negative, default=0.0, help="temperature when a request sets none (0 = greedy)")
+    p.add_argument("--top-p", type=_probability, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=_probability, default=0.0)
+    p.add_argument("--thinking", action="store_true",
+                   help="think before answering unless a request says otherwise (reasoning_effort, thinking, ...)")
+    p.add_argument("--prompt-cache-mb", type=float, default=2048,
+                   help="memory for the KV caches of prompt prefixes kept for the next requests (0 turns reuse off)")
+    p.add_argument("--prompt-cache-entries", type=int, default=32, help="most prefixes kept")
+    p.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) media URLs (clients send data)")
+    p.add_argument("--fetch-max-mb", type=float, default=20, help="largest media file fetched from a URL")
+    p.add_argument("--fetch-timeout", type=float, default=10, help="seconds a media download may take")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body accepted")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16")
+    p.add_argument("--weights-dtype", default=None, help="storage dtype of float weights (as in mlx-gemma4)")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_verbose(p)
+    return p
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    parser = build_server_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p == 0:
+        parser.error("--top-p must be > 0")
+
+    def run() -> None:
+        from .server import serve
+
+        model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
+        serve(model, processor, host=args.host, port=args.port, api_key=args.api_key or None,
+              max_body_bytes=int(args.max_body_mb * 2**20), log_level=args.log_level,
+              model_id=args.served_model_name or str(args.model), max_concurrency=args.max_concurrency,
+              max_tokens=args.max_tokens, enable_thinking=args.thinking,
+              prompt_cache_bytes=int(args.prompt_cache_mb * 2**20), prompt_cache_entries=args.prompt_cache_entries,
+              fetch_urls=not args.no_fetch_urls, fetch_max_bytes=int(args.fetch_max_mb * 2**20),
+              fetch_timeout=args.fetch_timeout,
+              sampling_defaults=dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p))
 
     return run_reporting_errors(run, args.verbose)

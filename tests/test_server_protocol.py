@@ -269,3 +269,51 @@ def test_bad_anthropic_and_responses_bodies():
         responses_input({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]})
     assert json.dumps(APIError(401, "no").anthropic_body()) == (
         '{"type": "error", "error": {"type": "authentication_error", "message": "no"}}')
+
+
+# -- fuzzing: any JSON body is either accepted or a 400 naming the problem, never another exception ------------
+def _fuzz_bodies():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), st.text(max_size=8),
+                        st.sampled_from(["user", "assistant", "tool", "system", "text", "image_url", "image",
+                                         "tool_use", "tool_result", "function", "auto", "required", "data:image/png;base64,AA",
+                                         "file:///etc/passwd", "input_audio", "function_call_output"]))
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+            ["role", "content", "type", "text", "tool_calls", "function", "name", "arguments", "id", "tool_call_id",
+             "image_url", "url", "source", "data", "input", "tool_use_id", "input_audio", "call_id", "output"]),
+            inner, max_size=4)), max_leaves=12)
+    keys = st.sampled_from(["messages", "input", "prompt", "system", "instructions", "tools", "tool_choice",
+                            "max_tokens", "max_completion_tokens", "max_output_tokens", "temperature", "top_p",
+                            "top_k", "min_p", "seed", "stop", "stop_sequences", "n", "logprobs", "top_logprobs",
+                            "stream", "stream_options", "response_format", "reasoning_effort", "thinking",
+                            "chat_template_kwargs", "repetition_penalty", "presence_penalty", "max_soft_tokens"])
+    return st.dictionaries(keys, values, max_size=6)
+
+
+def test_fuzzed_request_bodies_are_accepted_or_400():
+    from types import SimpleNamespace
+
+    from hypothesis import HealthCheck, given, settings
+
+    from mlx_gemma4.server.anthropic_api import MessagesRequest
+    from mlx_gemma4.server.openai_api import ChatRequest, CompletionRequest
+    from mlx_gemma4.server.responses_api import ResponsesRequest
+
+    generator = SimpleNamespace(model_id="m", max_tokens=16, sampling_defaults={})
+    seen = {"ok": 0, "400": 0}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(_fuzz_bodies())
+    def check(body):
+        for request in (ChatRequest, CompletionRequest, ResponsesRequest, MessagesRequest):
+            try:
+                request(dict(body), generator)
+                seen["ok"] += 1
+            except APIError as e:
+                assert e.status == 400 and e.message
+                seen["400"] += 1
+
+    check()
+    assert seen["400"] > 0

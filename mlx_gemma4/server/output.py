@@ -41,10 +41,11 @@ def _partial_suffix(text: str, markers: Sequence[str]) -> int:
 class OutputParser:
     """feed(text) -> [Delta], then finish() -> [Delta]. `stop`: strings that end the answer (OpenAI `stop`,
     Anthropic `stop_sequences`), matched in the content; once one is seen, `stopped_by` holds it and further
-    text is ignored (the caller cancels the generation)."""
+    text is ignored (the caller cancels the generation). markup=False: all text is content (raw completions)."""
 
-    def __init__(self, stop: Sequence[str] = ()):
+    def __init__(self, stop: Sequence[str] = (), markup: bool = True):
         self.stop = [s for s in stop if s]
+        self.markup = markup
         self.stopped_by: str | None = None
         self._mode = "content"  # "content", "reasoning", "channel_name" or "call"
         self._buffer = ""  # text not yet classified
@@ -81,6 +82,10 @@ class OutputParser:
     def _step(self, out: list[Delta]) -> bool:
         """Consume what can be classified now; True if the mode changed (call again)."""
         buf = self._buffer
+        if not self.markup:
+            self._content(buf, out)
+            self._buffer = ""
+            return False
         if self._mode == "content":
             at = min((i for i in (buf.find(OPEN_CHANNEL), buf.find(OPEN_CALL)) if i >= 0), default=-1)
             if at < 0:
