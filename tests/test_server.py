@@ -524,6 +524,12 @@ def test_remote_image_urls_are_fetched_with_limits(media_server):
         assert response.status_code == 400 and "limit" in response.json()["error"]["message"]
         response = raw(media_server, "/v1/chat/completions", body={"messages": ask(files.url + "/missing.png")})
         assert response.status_code == 400 and "404" in response.json()["error"]["message"]
+        media_server.generator.fetch["allow"] = False  # what --no-fetch-urls sets
+        try:
+            response = raw(media_server, "/v1/chat/completions", body={"messages": ask(files.url + "/a.png")})
+            assert response.status_code == 400 and response.json()["error"]["code"] == "url_fetch_disabled"
+        finally:
+            media_server.generator.fetch["allow"] = True
     finally:
         files.close()
 
