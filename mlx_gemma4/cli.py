@@ -266,16 +266,21 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
+    from .kernels.products import QUANT_MODES
     from .layouts import FORMATS
 
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+                   help="quantize weights to this many bits (affine mode)")
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128), default=None,
+                   help="weights per scale (default: 64 in affine mode; the fp modes have their own)")
+    p.add_argument("--mode", choices=tuple(QUANT_MODES), default="affine",
+                   help="MLX quantization mode; mxfp4, mxfp8 and nvfp4 quantize without --bits")
     p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at 8 bits")
+                   help="mixed: keep embeddings, PLE and MoE router at (affine) 8 bits")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
     p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
@@ -284,18 +289,19 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
     args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None:
+    if args.recipe == "mixed" and args.bits is None and args.mode == "affine":
         p.error("--recipe mixed needs --bits")
 
     def run() -> None:
         from .convert import convert
 
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt)
+                      mode=args.mode, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite,
+                      fmt=args.fmt)
         quant = json.loads((out / "config.json").read_text()).get("quantization")
         q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
-        if args.bits:
-            q = f"{args.bits}-bit {args.recipe}, group {args.group_size}"
+        if quant and args.recipe != "uniform":
+            q += f", {args.recipe} recipe"
         print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
 
     return run_reporting_errors(run, args.verbose)

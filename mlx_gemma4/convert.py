@@ -1,17 +1,21 @@
-"""Convert a Gemma 4 checkpoint (Hugging Face or ours) into an MLX checkpoint, optionally quantized.
+"""Convert a Gemma 4 checkpoint (Hugging Face or any MLX layout `load` reads) into an MLX checkpoint, optionally
+quantized.
 
     python -m mlx_gemma4.convert --model google/gemma-4-E2B-it --out gemma-4-E2B-it-4bit --bits 4 --recipe mixed
+    python -m mlx_gemma4.convert --model google/gemma-4-26B-A4B-it --out gemma-4-26B-A4B-it-mxfp4 --mode mxfp4
 
-Writes safetensors shards under our parameter names (+ model.safetensors.index.json), config.json with the
-`quantization` entry `load` applies before reading the weights, and the tokenizer, chat template and
-processor files. Quantization is the loader's (`loading.quantization_plan` / `apply_quantization`), so
-`load(src, quantize=B, group_size=G, recipe=R, dtype=D)` builds exactly the model that converting with the same
-settings and loading the result does.
+Writes the mlx-vlm layout (text + towers; `--format mlx-lm`: mlx-lm's, text only; see `layouts`): safetensors
+shards (+ model.safetensors.index.json), config.json with the `quantization` entry those libraries and `load`
+read, and the tokenizer, chat template and processor files. Quantization is the loader's
+(`loading.quantization_plan` / `apply_quantization`), so `load(src, quantize=B, group_size=G, recipe=R,
+quantize_mode=M, dtype=D)` builds exactly the model that converting with the same settings and loading the
+result does.
 
-Recipes: `uniform` quantizes every eligible linear and embedding to `bits`; `mixed` keeps the tensors
-4 bits hurts most at 8 bits: the token embedding (also the tied LM head), the per-layer-embedding (PLE) table,
-its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`). Tensors whose input width is not
-a multiple of the group size stay in float.
+Modes: MLX's (`affine` at 2, 3, 4, 5, 6 or 8 bits, group size 32/64/128; `mxfp4`, `mxfp8`, `nvfp4`, whose bits
+and group size are fixed). Recipes: `uniform` quantizes every eligible linear and embedding to `bits`; `mixed`
+keeps the tensors 4 bits hurts most at affine 8 bits: the token embedding (also the tied LM head), the
+per-layer-embedding (PLE) table, its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`).
+Tensors whose input width is not a multiple of the group size stay in float.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from . import layouts
+from .kernels.products import QUANT_MODES, quant_params_problem
 from .loading import load_model, resolve_path
 from .model import is_tower_param
 from .runtime import RuntimePolicy
@@ -43,13 +48,28 @@ def source_dtype(config: dict) -> str:
     return "bfloat16"
 
 
-def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int = 64,
-            recipe: str = "uniform", dtype: str | None = None, max_shard_gb: float = 5.0,
+def quantization_settings(bits: int | None, group_size: int | None, mode: str) -> tuple[int | None, int]:
+    """(bits, group_size) for `mode` with the defaults filled in: the fp modes have one of each (mxfp4: 4 bits,
+    group 32) and quantize without `bits`; affine quantizes only with `bits`, in groups of 64 by default."""
+    if mode not in QUANT_MODES:
+        raise ValueError(quant_params_problem(group_size, bits, mode))
+    allowed = QUANT_MODES[mode]
+    if mode != "affine" and bits is None:
+        bits = allowed["bits"][0]
+    if group_size is None:
+        group_size = 64 if mode == "affine" else allowed["group_sizes"][0]
+    return bits, group_size
+
+
+def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int | None = None,
+            recipe: str = "uniform", mode: str = "affine", dtype: str | None = None, max_shard_gb: float = 5.0,
             overwrite: bool = False, fmt: str = "mlx-vlm") -> Path:
     """Convert `src` (directory or Hub id, any layout `load` reads) into an MLX checkpoint at `out` in `fmt`
-    ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`."""
+    ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`. Quantized with `bits` or a non-affine
+    `mode` (see quantization_settings)."""
     if fmt not in layouts.FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(layouts.FORMATS)})")
+    bits, group_size = quantization_settings(bits, group_size, mode)
     src_path = resolve_path(src)
     out = Path(out)
     if out.resolve() == src_path.resolve():
@@ -62,7 +82,7 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
     dtype = dtype or source_dtype(raw)
     policy = RuntimePolicy.from_arguments(dtype)
     target = policy.dtype
-    model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy)
+    model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy, mode=mode)
     if "lm_head" in model and fmt == "mlx-vlm":
         raise ValueError("mlx-vlm's Gemma 4 ties the LM head to the token embeddings, but this checkpoint has its "
                          "own lm_head; use --format mlx-lm")

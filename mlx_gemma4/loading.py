@@ -29,6 +29,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .limits import check_against_tensors
 from .model import Gemma4, is_tower_param
 from .compact import use_products
+from .kernels.products import quant_params_problem
 from .runtime import RuntimePolicy
 from .safetensors_io import read_header, tensor_bytes, weight_files
 
@@ -144,22 +145,27 @@ MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_project
               "per_layer_input_gate", "per_layer_projection")
 
 
-def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform") -> dict[str, Any]:
-    """The `quantization` config entry for a model: defaults plus per-module overrides."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform",
+                      mode: str = "affine") -> dict[str, Any]:
+    """The `quantization` config entry for a model: defaults plus per-module overrides.
+
+    mode: any of MLX's modes (kernels.products.QUANT_MODES: affine 2-8 bits, mxfp4, mxfp8, nvfp4). The `mixed`
+    recipe keeps its sensitive tensors at affine 8 bits (group size 64 under the fp modes, whose groups are
+    fixed): finer than mxfp8, whose scales are powers of two."""
+    if problem := quant_params_problem(group_size, bits, mode):
+        raise ValueError(problem)
     if recipe not in ("uniform", "mixed"):
         raise ValueError(f"recipe must be 'uniform' or 'mixed', got {recipe!r}")
-    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "recipe": recipe}
+    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": mode, "recipe": recipe}
+    eight_bits = {"group_size": group_size if mode == "affine" else 64, "bits": 8}  # no mode: affine
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
             continue
-        if not _quantizable(module, group_size):
+        rule = eight_bits if recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT) else None
+        if not _quantizable(module, (rule or plan)["group_size"]):
             plan[path] = False
-        elif recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT):
-            plan[path] = {"group_size": group_size, "bits": 8}
+        elif rule:
+            plan[path] = rule
     return plan
 
 
@@ -205,17 +211,19 @@ def build_model(config: ModelConfig) -> Gemma4:
 
 
 def load_model(path: Path, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-               lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
+               lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine") -> Gemma4:
     config = load_config(path)
     header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
     check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
-    return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy)
+    return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy,
+                              mode=mode)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-                       lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
-    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
+                       lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine") -> Gemma4:
+    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized
+    (`quantize` bits, `group_size`, `recipe`, `mode`: see quantization_plan).
 
     policy (default: RuntimePolicy.from_arguments()): its compute dtype, and the storage dtype of the text
     decoder's float weight matrices (e.g. bfloat16 under float32 compute; quantized models ignore it). The model
@@ -250,7 +258,7 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         if config.quantization:
             settings = {k: v for k, v in config.quantization.items() if k in ("group_size", "bits", "mode")}
             raise ValueError(f"{path} is already quantized ({settings}); quantize=None to load it")
-        plan = quantization_plan(model, quantize, group_size, recipe)
+        plan = quantization_plan(model, quantize, group_size, recipe, mode)
         apply_quantization(model, plan)
         config.quantization = plan
     use_products(model, target)  # quantized and compact weights' products in `target` (mlx_gemma4.compact)
@@ -263,20 +271,22 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
          group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None, *,
-         weights_dtype: mx.Dtype | str | None = None, kernels: str | None = None, unpack_rows: int | None = None):
+         weights_dtype: mx.Dtype | str | None = None, kernels: str | None = None, unpack_rows: int | None = None,
+         quantize_mode: str = "affine"):
     """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer.
 
     The runtime policy (mlx_gemma4.runtime; `model.policy`) comes from the arguments, the MLX_GEMMA4_* environment
     variables being their defaults: dtype is the compute dtype; weights_dtype="bfloat16" keeps float weight matrices
     in bfloat16 under float32 compute (half the memory; see mlx_gemma4.compact); kernels is the kernel backend
     (auto | metal | mlx); unpack_rows the row count from which CPU products unpack compact weights (0: never).
+    quantize (bits), group_size, recipe, quantize_mode: quantize at load time (see quantization_plan).
     Also takes a llama.cpp `.gguf` file, or "demo" for the offline demo model (see load_gguf)."""
     policy = RuntimePolicy.from_arguments(dtype, weights_dtype, kernels, unpack_rows)
     gguf_file = resolve_gguf(path_or_repo)
     if gguf_file is not None:
-        return load_gguf(gguf_file, quantize, group_size, recipe, lazy, policy=policy)
+        return load_gguf(gguf_file, quantize, group_size, recipe, lazy, policy=policy, mode=quantize_mode)
     path = resolve_path(path_or_repo, revision)
-    model = load_model(path, quantize, group_size, recipe, lazy, policy=policy)
+    model = load_model(path, quantize, group_size, recipe, lazy, policy=policy, mode=quantize_mode)
     return model, load_processor(path, model.config)
 
 
@@ -307,7 +317,7 @@ def resolve_gguf(path_or_repo: str | os.PathLike) -> Path | None:
 
 
 def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-              lazy: bool = False, *, policy: RuntimePolicy | None = None):
+              lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine"):
     """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then the policy's dtype, or re-quantized to
     MLX's format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
     from . import gguf
@@ -327,6 +337,7 @@ def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: 
     for name, value in gguf.iter_weights(gf):
         weights[name] = mx.array(value).astype(policy.dtype)
         mx.eval(weights[name])
-    model = model_from_weights(config, weights, Path(path), quantize, group_size, recipe, lazy, policy=policy)
+    model = model_from_weights(config, weights, Path(path), quantize, group_size, recipe, lazy, policy=policy,
+                               mode=mode)
     return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
 

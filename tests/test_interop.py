@@ -225,6 +225,45 @@ def test_our_mlx_lm_format_loads_in_mlx_lm(sources, tmp_path):
     assert_same_as_peer(load(out)[0], PeerModel("mlx-lm", out))
 
 
+# Our convert in every MLX mode (affine 4 and 8 bits: above and tests/test_convert.py): (source, format, options).
+OUR_MODES = {
+    "mxfp4-mixed": (("26b", False), "mlx-lm", dict(mode="mxfp4", recipe="mixed")),
+    "nvfp4": (("26b", False), "mlx-lm", dict(mode="nvfp4")),
+    "mxfp8": (("31b", False), "mlx-lm", dict(mode="mxfp8")),
+    "affine-2bit-g32": (("26b", False), "mlx-lm", dict(bits=2, group_size=32)),
+    "affine-3bit-g64": (("31b", False), "mlx-lm", dict(bits=3, group_size=64)),
+    "affine-6bit-g32": (("26b", False), "mlx-lm", dict(bits=6, group_size=32)),
+    "mxfp4-towers": (("e2b", True), "mlx-vlm", dict(mode="mxfp4")),
+}
+
+
+@pytest.mark.parametrize("name", list(OUR_MODES))
+def test_our_convert_in_every_mode_loads_in_the_peers(sources, tmp_path, name):
+    """convert(mode=..., bits=...) writes what the peer library loads and runs with our logits; the config's
+    global setting is the mode asked for; converting equals quantizing at load time."""
+    source, fmt, options = OUR_MODES[name]
+    out = convert(sources(*source), tmp_path / name, dtype="float32", fmt=fmt, **options)
+    entry = json.loads((out / "config.json").read_text())["quantization"]
+    mode = options.get("mode", "affine")
+    assert entry["mode"] == mode and entry["bits"] == options.get("bits", entry["bits"])
+    ours, _ = load(out)
+    modes = {m.mode for _, m in ours.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    assert mode in modes
+    experts = [m for _, m in ours.named_modules() if isinstance(m, QuantizedExperts)]
+    assert all(m.quantization["gate_up_proj"].mode == mode for m in experts)
+    if options.get("recipe") == "mixed":  # the sensitive tensors at affine 8 bits
+        router = ours.language_model.layers[0].router.proj
+        assert (router.mode, router.bits) == ("affine", 8)
+    assert_same_as_peer(ours, PeerModel(fmt, out))
+    bits, group_size = options.get("bits"), options.get("group_size", 64)
+    if mode != "affine":
+        bits, group_size = entry["bits"], entry["group_size"]
+    on_load, _ = load(sources(*source), dtype="float32", quantize=bits, group_size=group_size,
+                      recipe=options.get("recipe", "uniform"), quantize_mode=mode)
+    ids = mx.array([PROMPT])
+    assert mx.array_equal(on_load(ids), ours(ids))
+
+
 def test_converting_a_conversion_keeps_its_quantization(converted, tmp_path):
     """An mlx-lm conversion (mixed 3/6-bit, the experts' banks quantized differently) written again in the
     mlx-vlm layout: same modules, same quantization, same logits, loadable by mlx-vlm."""
