@@ -18,11 +18,12 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .errors import InputError
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, apply_logits_processors
 
 
-class ContextError(ValueError):
+class ContextError(InputError):
     """The prompt (with the cached tokens before it) does not fit the model's context."""
 
 
