@@ -89,6 +89,15 @@ def image_inputs(seed: int = 0):
     return mx.array(features.pixel_values), mx.array(features.position_ids)
 
 
+def audio_inputs(seed: int = 0):
+    """(features, mask) of one second of random sound, as our audio feature extractor makes them."""
+    from mlx_gemma4.processing.audio import AudioFeatureExtractor
+
+    clip = 0.1 * np.random.default_rng(seed).standard_normal(16000).astype(np.float32)
+    features = AudioFeatureExtractor()([clip])
+    return mx.array(features.features), mx.array(features.mask)
+
+
 def rel_error(a, b) -> float:
     a, b = np.array(a, np.float64), np.array(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -166,10 +175,12 @@ def test_bf16_conversion_equals_the_original_within_bf16_rounding(converted, sou
     ids = mx.array([PROMPT])
     assert rel_error(ours(ids), rounded(ids)) < 1e-5  # the only difference is the rounding of stored values
     assert rel_error(ours(ids), original(ids)) > 1e-4  # and that rounding is there
-    if towers:  # the towers too: the same image through our load of both checkpoints
+    if towers:  # the towers too (the audio convolutions are channels-last on disk): the same image and sound
         pixels, positions = image_inputs()
         np.testing.assert_allclose(np.array(ours.image_features(pixels, positions)),
                                    np.array(rounded.image_features(pixels, positions)), rtol=1e-4, atol=1e-5)
+        features, mask = audio_inputs()
+        assert rel_error(ours.audio_features(features, mask), rounded.audio_features(features, mask)) < 1e-5
 
 
 def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
@@ -194,9 +205,11 @@ def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
     assert errors[0] == errors[1] and "no vision tower" in errors[0]
 
 
-def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, tmp_path):
+def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, converted, tmp_path):
     """convert --format mlx-vlm (E2B-like with both towers, 4-bit): mlx-vlm loads it and computes our logits,
-    and its towers give our soft tokens for the same image."""
+    its vision tower gives our soft tokens for the same image, and its audio tower computes on our file what it
+    computes on its own conversion of the same source (mlx-vlm's audio tower itself differs from transformers'
+    and ours by ~2.5% on these random weights, so it is compared with itself)."""
     out = convert(sources("e2b", True), tmp_path / "ours-vlm", bits=4, group_size=32, dtype="float32")
     ours, _ = load(out)
     peer = PeerModel("mlx-vlm", out)
@@ -204,6 +217,10 @@ def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, tmp_path):
     pixels, positions = image_inputs(1)
     theirs = peer.model.embed_vision(peer.model.vision_tower(pixels, positions))
     assert rel_error(ours.image_features(pixels, positions), theirs.reshape(-1, theirs.shape[-1])) < 1e-4
+    features, mask = audio_inputs(1)
+    own_conversion = PeerModel("mlx-vlm", converted("mlx-vlm-e2b-4bit-g32")[1])
+    on_ours, on_theirs = (p.model.audio_tower(features, ~mask)[0] for p in (peer, own_conversion))
+    assert rel_error(on_ours, on_theirs) < 1e-6
 
 
 def test_our_mlx_lm_format_loads_in_mlx_lm(sources, tmp_path):
@@ -369,6 +386,23 @@ def test_gate_and_up_banks_stored_differently(converted, tmp_path):
     weights[key] = weights[key][..., :-1]
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     with pytest.raises(CheckpointError, match="layers.2.experts.switch_glu: gate_proj and up_proj weight must be"):
+        load(path)
+
+
+@pytest.mark.parametrize("tensor,message", [
+    ("layers.1.self_attn.q_proj.scales", r"layers.1.self_attn.q_proj: packed uint32 weight \(64, 16\) stored without "
+                                         "its scales"),
+    ("layers.1.experts.switch_glu.down_proj.scales", r"layers.1.experts.down_proj: packed uint32 weight \(16, 64, 8\) stored "
+                                                     "without its scales"),
+    ("layers.1.self_attn.q_proj.weight", "layers.1.self_attn.q_proj: scales .* stored with a packed weight that is "
+                                         "missing"),
+])
+def test_a_missing_quantization_tensor(converted, tmp_path, tensor, message):
+    path = _copy(converted, "mlx-lm-26b-8bit-g32", tmp_path)
+    weights = mx.load(str(path / "model.safetensors"))
+    del weights[f"language_model.model.{tensor}"]
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    with pytest.raises(CheckpointError, match=message):
         load(path)
 
 

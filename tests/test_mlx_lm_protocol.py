@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -137,3 +140,20 @@ def test_mlx_lm_speculative_decoding_rolls_back_our_caches_past_the_window(loade
     spec = [r.token for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=N, draft_model=drafter,
                                                     num_draft_tokens=3)]
     assert spec == ours(model, processor, ids)
+
+
+def test_readme_mlx_lm_and_batch_examples_run_as_written(chat_checkpoint, tmp_path, monkeypatch):
+    """The README's mlx-lm and BatchEngine blocks, run as written after its first Python block's `load`; the
+    checkpoint directory they name is the tiny e2b chat checkpoint."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    mlx_lm_block = next(b for b in blocks if "mlx_lm.stream_generate" in b)
+    batch_block = next(b for b in blocks if "BatchEngine(" in b)
+    (tmp_path / "gemma-4-E2B-it").symlink_to(chat_checkpoint("e2b"))
+    monkeypatch.chdir(tmp_path)
+    scope = {"load": load}
+    exec(compile(mlx_lm_block, "README.md", "exec"), scope)
+    assert scope["response"].finish_reason in ("stop", "length")
+    scope["processor"] = load(tmp_path / "gemma-4-E2B-it")[1]
+    exec(compile(batch_block, "README.md", "exec"), scope)
+    assert [r.finish_reason in ("stop", "length") and len(r.tokens) >= 1 for r in scope["requests"]] == [True] * 2
