@@ -284,6 +284,26 @@ def test_stream_generate_with_a_draft_model(chat_checkpoint, tmp_path):
         assert cache.tokens == ids + tokens[: stop_at + 1] and cache.offset == len(cache.tokens)
 
 
+def test_image_and_audio_prompt_with_a_draft_model(unified_chat_checkpoint, paths):
+    """The 12B-like model with an image and an audio clip in the prompt (its soft tokens in the caches the drafter
+    reads): the reply equals the one without a drafter."""
+    from test_unified import picture, tone
+
+    target, processor = load(unified_chat_checkpoint, dtype="float32")
+    drafter = load_drafter(paths("12b")[1], target)
+    media = dict(images=[picture(80, 120, 9)], audio=[tone(0.3, 10)], max_soft_tokens=70)
+    ids, _ = processor.prompt_inputs("what do you see and hear?", images=media["images"], audio=media["audio"],
+                                     max_soft_tokens=70)
+    expected = list(stream_generate(target, processor, "what do you see and hear?", max_tokens=24,
+                                    stop_token_ids=[], **media))
+    tokens = [c.token for c in expected if c.token is not None]
+    scripted = family.ScriptedDrafter(drafter, ids + tokens, miss=0.3)
+    chunks = list(stream_generate(target, processor, "what do you see and hear?", max_tokens=24, stop_token_ids=[],
+                                  draft_model=scripted, num_draft_tokens=3, **media))
+    assert [c.token for c in chunks if c.token is not None] == tokens
+    assert 0 < chunks[-1].stats.draft.acceptance_rate < 1
+
+
 def test_cli_draft_model(chat_checkpoint, tmp_path, capsys):
     from mlx_gemma4 import cli
 
