@@ -1,15 +1,17 @@
 """Gemma 4 chat app: a local Gradio UI over mlx-gemma4.
 
     python apps/gemma4_app.py --model google/gemma-4-E2B-it [--port 7860] [--quantize 4]
+    python apps/gemma4_app.py --model google/gemma-4-E2B-it --model ./my-checkpoint --allow-model-switch
 
 Opens on http://127.0.0.1:PORT. Streaming chat with multi-turn history that keeps the KV cache between turns
 (`session.ChatSession`), image / audio attachments (upload, webcam, paste, microphone), sampling controls,
-a stop button, a model picker with load-time quantization, stats after every reply and, for the
-mixture-of-experts model (26B A4B), a plot of the experts each layer used for the reply.
+a stop button, stats after every reply and, for the mixture-of-experts model (26B A4B), a plot of the experts
+each layer used for the reply. With `--allow-model-switch`, a picker switches among the `--model`s given on the
+command line (with load-time quantization); no client can make the app load anything else.
 
 One model is loaded at a time and shared by every browser tab; requests are queued and run one at a time.
 Every failure (unreadable file, audio on a model without an audio encoder, out of memory, ...) is reported in the
-chat, and the app keeps serving.
+chat, without server paths, and the app keeps serving. Attachments are read only from gradio's upload folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import argparse
 import re
 import sys
 import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,36 +31,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import mlx_gemma4  # noqa: E402,F401  (preloads the BLAS before mlx.core)
 import gradio as gr  # noqa: E402
 
+from mlx_gemma4.engine import ContextError  # noqa: E402
 from mlx_gemma4.expert_trace import moe_layers, record_expert_choices  # noqa: E402
 
-MODEL_CHOICES = ["google/gemma-4-E2B-it", "google/gemma-4-E4B-it", "google/gemma-4-26B-A4B-it",
-                 "google/gemma-4-31B-it"]
+DEFAULT_MODEL = "google/gemma-4-E2B-it"
 QUANTIZATION_CHOICES = ["none", "8", "4"]
 IMAGE_BUDGETS = [70, 140, 280, 560, 1120]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".webm", ".aac", ".opus"}
-
-
-# Image/audio/video marker tokens (<|image>, <|image|>, <image|>, ...). Text in a conversation with media (typed by
-# the user, or an earlier reply) must not contain them: the processor expands each one as a media slot.
-MEDIA_MARKER = re.compile(r"<\|?(?:image|audio|video)\|?>")
+# an absolute path (not the //host/... of a URL): every message a client sees shows only its last component
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])~?(?:/[^/\s'\"`,;:()\[\]<>]+)+/?")
 
 
 class UserError(Exception):
     """A problem to show the user in the chat (bad file, unsupported input, no model ...)."""
 
 
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last component (`/srv/models/x/config.json` -> `config.json`)."""
+    return ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def is_local_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+
+
+def model_label(name: str) -> str:
+    """What users see for a model: a Hub id as is, a local checkpoint by its directory's name only."""
+    return Path(name).expanduser().resolve().name or name if is_local_path(name) else name
+
+
+def model_labels(names: list[str]) -> dict[str, str]:
+    """label -> model (Hub id or local path) for the models the app was started with; labels are unique."""
+    labels: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        label = base = model_label(name)
+        n = 2
+        while label in labels:
+            label, n = f"{base} ({n})", n + 1
+        labels[label] = name
+    return labels
+
+
 # -- the shared model ----------------------------------------------------------------------------------------
 class ModelHost:
-    """The one loaded model, shared by every browser session. `lock` serializes all use of the model."""
+    """The one loaded model, shared by every browser session. `lock` serializes all use of the model.
 
-    def __init__(self):
+    `load` is the operator's (any Hub id or local path, from the command line); `switch` is a client's request,
+    honoured only with `allow_switch` and only for a label of `models` (never a path from the client)."""
+
+    def __init__(self, models: list[str] = (), allow_switch: bool = False):
         self.lock = threading.RLock()
         self.model = None
         self.processor = None
         self.name = ""
+        self.label = ""  # how users see `name` (no server path)
         self.quantize: int | None = None
         self.generation = 0  # bumped on every load: conversations built on an older model drop their caches
+        self.choices = model_labels(list(models))
+        self.allow_switch = allow_switch
 
     def load(self, name: str, quantization: str = "none") -> str:
         from mlx_gemma4 import load
@@ -67,18 +100,28 @@ class ModelHost:
         if quantization not in QUANTIZATION_CHOICES:
             raise UserError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
         bits = None if quantization == "none" else int(quantization)
+        label = next((k for k, v in self.choices.items() if v == name), None) or model_label(name)
         with self.lock:
             try:
                 model, processor = load(name, quantize=bits)
             except MemoryError as e:
-                raise UserError(f"out of memory loading {name}; try 4-bit quantization or a smaller model") from e
+                raise UserError(f"out of memory loading {label}; try 4-bit quantization or a smaller model") from e
             except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise UserError(f"could not load {name}: {e}") from e
+                raise UserError(f"could not load {label}: {without_paths(str(e))}") from e
             if processor is None:
-                raise UserError(f"{name} has no tokenizer.json, so it cannot be chatted with")
-            self.model, self.processor, self.name, self.quantize = model, processor, name, bits
+                raise UserError(f"{label} has no tokenizer.json, so it cannot be chatted with")
+            self.model, self.processor, self.quantize = model, processor, bits
+            self.name, self.label = name, label
             self.generation += 1
         return self.describe()
+
+    def switch(self, label, quantization) -> str:
+        """A client's request to load another model: only a label of the models the app was started with."""
+        if not self.allow_switch:
+            raise UserError("model switching is disabled on this server")
+        if not isinstance(label, str) or label not in self.choices:
+            raise UserError(f"this server offers only these models: {', '.join(self.choices)}")
+        return self.load(self.choices[label], quantization)
 
     @property
     def is_moe(self) -> bool:
@@ -89,7 +132,7 @@ class ModelHost:
             return "No model loaded."
         cfg = self.model.config
         bits = f"{self.quantize}-bit" if self.quantize else "unquantized"
-        parts = [f"**{self.name}**", bits, f"{cfg.text.num_hidden_layers} layers"]
+        parts = [f"**{self.label}**", bits, f"{cfg.text.num_hidden_layers} layers"]
         if self.is_moe:
             parts.append(f"MoE: top-{cfg.text.top_k_experts} of {cfg.text.num_experts} experts")
         parts.append("vision encoder" if cfg.vision else "no vision encoder")
@@ -106,6 +149,16 @@ def media_kind(path: str) -> str:
         return "audio"
     raise UserError(f"{Path(path).name}: unsupported file type {suffix or '(none)'}; attach an image "
                     f"({', '.join(sorted(IMAGE_SUFFIXES))}) or audio ({', '.join(sorted(AUDIO_SUFFIXES))})")
+
+
+def uploaded_media(paths: list[str], upload_dir: Path) -> tuple[list[str], list[str]]:
+    """(images, audio) among the files a client attached; each must lie in gradio's upload folder."""
+    images, audios = [], []
+    for path in paths:
+        if not isinstance(path, str) or not Path(path).resolve().is_relative_to(upload_dir):
+            raise UserError("attachments must be uploaded through the app")
+        (images if media_kind(path) == "image" else audios).append(path)
+    return images, audios
 
 
 def check_image(path: str) -> None:
@@ -130,9 +183,9 @@ def unsupported_media(host: ModelHost, images: list[str], audios: list[str]) -> 
     """Why this model + build can't take these attachments (None when it can)."""
     cfg = host.model.config
     if images and not cfg.vision:
-        return f"{host.name} has no vision encoder, so it cannot look at images."
+        return f"{host.label} has no vision encoder, so it cannot look at images."
     if audios and not cfg.audio:
-        return (f"{host.name} has no audio encoder, so it cannot listen to audio (in the Gemma 4 family only "
+        return (f"{host.label} has no audio encoder, so it cannot listen to audio (in the Gemma 4 family only "
                 "E2B and E4B take audio).")
     return None
 
@@ -175,9 +228,9 @@ class Turn:
 
 
 class Conversation:
-    """One browser session's chat. The `ChatSession` (and its KV cache) is reused while the model, the system
-    prompt and the thinking switch stay the same and every turn finished; otherwise the next turn rebuilds it
-    from the finished turns (one full prefill) so the cache always matches the history."""
+    """One browser session's chat. Its `ChatSession` keeps the KV cache, images and audio included, between
+    turns while the model, the system prompt and the thinking switch stay the same; otherwise (or after a
+    failed turn) the next turn rebuilds it from the finished turns, attachments included (one full prefill)."""
 
     def __init__(self):
         self.turns: list[Turn] = []
@@ -186,7 +239,7 @@ class Conversation:
         self.stop = threading.Event()
 
     def session_for(self, host: ModelHost, settings: Settings):
-        from mlx_gemma4.session import ChatSession
+        from mlx_gemma4.session import ChatSession, user_message
 
         key = (host.generation, settings.system, bool(settings.thinking))
         if self.session is None or self.session_key != key:
@@ -194,38 +247,13 @@ class Conversation:
                                   enable_thinking=bool(settings.thinking))
             for turn in self.turns:
                 if turn.error is None and turn.raw_reply:
-                    session.messages += [{"role": "user", "content": turn.text},
+                    session.messages += [user_message(turn.text, turn.images, turn.audios),
                                          {"role": "assistant", "content": turn.raw_reply}]
             self.session, self.session_key = session, key
         return self.session
 
     def drop_cache(self) -> None:
         self.session = None
-
-    @property
-    def has_media(self) -> bool:
-        return any(t.images or t.audios for t in self.turns if t.error is None)
-
-    def media_stream(self, host: ModelHost, settings: Settings, **gen_kwargs):
-        """Stream the reply to the last turn of a conversation that holds images or audio: the whole conversation
-        with every earlier attachment is prefilled (no KV reuse), so later turns still see earlier media."""
-        from mlx_gemma4.generate import stream_generate
-
-        messages = [{"role": "system", "content": settings.system}] if settings.system else []
-        images, audios = [], []
-        *done, current = self.turns
-        for turn in [t for t in done if t.error is None and t.raw_reply] + [current]:
-            content = ([{"type": "image"} for _ in turn.images] + [{"type": "audio"} for _ in turn.audios]
-                       + [{"type": "text", "text": MEDIA_MARKER.sub("", turn.text)}])
-            messages.append({"role": "user", "content": content})
-            images += turn.images
-            audios += turn.audios
-            if turn is not current:
-                messages.append({"role": "assistant", "content": MEDIA_MARKER.sub("", turn.raw_reply)})
-        ids, media = host.processor.prompt_inputs(messages, enable_thinking=bool(settings.thinking), images=images,
-                                                  audio=audios, max_soft_tokens=int(settings.image_budget))
-        self.drop_cache()  # text turns after this one rebuild their session from the history
-        return stream_generate(host.model, host.processor, ids, media=media or None, **gen_kwargs)
 
     def chatbot(self) -> list[dict]:
         out: list[dict] = []
@@ -242,6 +270,39 @@ class Conversation:
             if turn.error:
                 out.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
         return out
+
+
+class Conversations:
+    """Every browser tab's (and API client's) Conversation, by a session id. gr.State holds only the id: a
+    State value must be deep-copyable (gradio copies it for API clients), and a Conversation holds a lock and
+    a KV cache. The least recently used conversations beyond `limit` are forgotten."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.by_id: OrderedDict[str, Conversation] = OrderedDict()
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def get(self, session_id: str) -> Conversation:
+        with self.lock:
+            conv = self.by_id.pop(session_id, None) or Conversation()
+            self.by_id[session_id] = conv
+            while len(self.by_id) > self.limit:
+                self.by_id.popitem(last=False)
+            return conv
+
+    def reset(self, session_id: str) -> None:
+        with self.lock:
+            old = self.by_id.pop(session_id, None)
+        if old is not None:
+            old.stop.set()
+
+    def drop(self, session_id: str) -> None:
+        with self.lock:
+            self.by_id.pop(session_id, None)
 
 
 def expert_figure(trace, start: int, model_name: str):
@@ -276,7 +337,7 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
     """Generate the reply to `turn` (already appended to conv.turns), updating it in place; yields
     (stats markdown, expert figure or None) after every chunk."""
     if host.model is None:
-        raise UserError("no model is loaded: pick one above and press Load")
+        raise UserError("no model is loaded" + (": pick one above and press Load" if host.allow_switch else ""))
     settings.validate()
     if not turn.text.strip() and not (turn.images or turn.audios):
         raise UserError("empty message")
@@ -291,15 +352,10 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
     gen_kwargs = dict(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
                       top_p=float(settings.top_p))
     conv.stop.clear()
-    finished = False
+    failed = True
     with host.lock:
-        if conv.has_media:
-            try:
-                stream = conv.media_stream(host, settings, **gen_kwargs)
-            except ValueError as e:  # e.g. a tokenizer without image/audio tokens
-                raise UserError(str(e)) from e
-        else:
-            stream = conv.session_for(host, settings).send(turn.text, **gen_kwargs)
+        stream = conv.session_for(host, settings).send(turn.text, images=turn.images, audio=turn.audios,
+                                                       max_soft_tokens=int(settings.image_budget), **gen_kwargs)
     trace_ctx = record_expert_choices(host.model) if host.is_moe else None
     trace = trace_ctx.__enter__() if trace_ctx is not None else None
     last = None
@@ -311,7 +367,6 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
             with host.lock:
                 chunk = next(stream, None)
             if chunk is None:
-                finished = True
                 break
             last = chunk
             turn.raw_reply += chunk.text
@@ -320,37 +375,51 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
                 turn.thinking, turn.answer = "", turn.raw_reply.strip()
             turn.stats, turn.generation_stats = chunk.stats.summary(), chunk.stats
             yield turn.stats, None
+        failed = False
+    except ContextError as e:
+        raise UserError(f"{e}; press Clear to start a new conversation") from e
+    except (ValueError, OSError) as e:  # e.g. a tokenizer without image/audio tokens
+        raise UserError(str(e)) from e
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not _is_out_of_memory(e):
             raise
         raise UserError(f"out of memory during generation ({e}); try a shorter conversation (Clear), fewer max "
                         "tokens, 4-bit quantization or a smaller model") from e
     finally:
-        stream.close()
+        stream.close()  # a reply stopped by the user stays in the session, as far as it got
         if trace_ctx is not None:
             trace_ctx.__exit__(None, None, None)
-        if not finished:
-            conv.drop_cache()  # the cache holds a partial reply the session did not record
+        if failed:
+            conv.drop_cache()  # the next turn rebuilds the session from the finished turns
     figure = None
     if trace is not None and last is not None:
-        figure = expert_figure(trace, last.stats.prompt_tokens, Path(host.name).name)
+        figure = expert_figure(trace, last.stats.prompt_tokens, host.label)
     yield turn.stats, figure
 
 
 # -- the UI ---------------------------------------------------------------------------------------------------
-def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int = 512) -> gr.Blocks:
+def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int = 512,
+              upload_dir: str | Path | None = None) -> gr.Blocks:
+    """The UI and its endpoints. Attachments are accepted only from `upload_dir` (default: gradio's upload
+    folder); the model picker and its /load_model endpoint exist only when `host.allow_switch`."""
+    from gradio.utils import get_upload_folder
+
+    upload_dir = Path(upload_dir or get_upload_folder()).resolve()
+    conversations = Conversations()
     with gr.Blocks(title="Gemma 4 on MLX") as demo:
         gr.Markdown("## Gemma 4 on MLX")
-        with gr.Row():
-            model_box = gr.Dropdown(choices=[c for c in dict.fromkeys([host.name, *MODEL_CHOICES]) if c],
-                                    value=host.name or MODEL_CHOICES[0], allow_custom_value=True, scale=4,
-                                    label="Model (Hub id or local directory)", elem_id="model-picker")
-            quant_box = gr.Radio(QUANTIZATION_CHOICES, value=str(host.quantize or "none"), label="Quantization",
-                                 scale=2, elem_id="quantization")
-            load_btn = gr.Button("Load", scale=1, elem_id="load-model")
+        if host.allow_switch:
+            with gr.Row():
+                model_box = gr.Dropdown(choices=list(host.choices), value=host.label or None,
+                                        allow_custom_value=True,  # what a client sends is checked by host.switch
+                                        scale=4, label="Model", elem_id="model-picker")
+                quant_box = gr.Radio(QUANTIZATION_CHOICES, value=str(host.quantize or "none"),
+                                     label="Quantization", scale=2, elem_id="quantization")
+                load_btn = gr.Button("Load", scale=1, elem_id="load-model")
         model_status = gr.Markdown(initial_status or host.describe(), elem_id="model-status")
 
-        conv_state = gr.State(Conversation)
+        # the browser tab's session id (a Conversation in `conversations`); forgotten when the tab closes
+        session_id = gr.State(Conversations.new_id, delete_callback=conversations.drop)
         chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat")
         with gr.Row():
             message = gr.MultimodalTextbox(placeholder="Type a message, attach images or audio, or record…",
@@ -378,62 +447,66 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
 
         settings_inputs = [max_tokens, temperature, top_p, thinking, budget, system_box]
 
-        def add_user_turn(msg, cam, conv: Conversation):
-            msg = msg or {}
-            files = [f if isinstance(f, str) else f.get("path") for f in (msg.get("files") or [])]
+        def add_user_turn(msg, cam, sid):
+            conv = conversations.get(sid)
+            msg = msg if isinstance(msg, dict) else {}
+            files = [f if isinstance(f, str) else (f or {}).get("path") for f in (msg.get("files") or [])]
             if cam:
                 files.append(cam)
             images, audios, error = [], [], None
-            for path in files:
-                try:
-                    (images if media_kind(path) == "image" else audios).append(path)
-                except UserError as e:
-                    error = str(e)
-            turn = Turn(text=(msg.get("text") or "").strip(), images=images, audios=audios, error=error)
+            try:
+                images, audios = uploaded_media(files, upload_dir)
+            except UserError as e:
+                error = str(e)
+            turn = Turn(text=str(msg.get("text") or "").strip(), images=images, audios=audios, error=error)
             conv.turns.append(turn)
-            return conv.chatbot(), gr.MultimodalTextbox(value=None, interactive=False), None, conv
+            return conv.chatbot(), gr.MultimodalTextbox(value=None, interactive=False), None
 
-        def bot_turn(conv: Conversation, *values):
+        def bot_turn(sid, *values):
+            conv = conversations.get(sid)
+            if not conv.turns:
+                yield conv.chatbot(), "⚠️ send a message first", None
+                return
             turn = conv.turns[-1]
-            if turn.error:  # rejected at upload
-                yield conv.chatbot(), f"⚠️ {turn.error}", None
+            if turn.error or turn.generation_stats is not None:  # rejected at upload, or answered already
+                yield conv.chatbot(), f"⚠️ {turn.error or 'send a message first'}", None
                 return
             try:
                 for stats, figure in respond(host, conv, turn, Settings(*values)):
                     yield conv.chatbot(), stats, figure
             except UserError as e:
-                turn.error = str(e)
-                yield conv.chatbot(), f"⚠️ {e}", None
+                turn.error = without_paths(str(e))
+                yield conv.chatbot(), f"⚠️ {turn.error}", None
             except Exception as e:  # keep serving whatever happens; show it
-                turn.error = f"generation failed: {type(e).__name__}: {e}"
+                turn.error = f"generation failed: {type(e).__name__}: {without_paths(str(e))}"
                 yield conv.chatbot(), f"⚠️ {turn.error}", None
 
-        submitted = message.submit(add_user_turn, [message, camera, conv_state],
-                                   [chatbot, message, camera, conv_state], queue=False)
-        submitted.then(bot_turn, [conv_state, *settings_inputs], [chatbot, stats_box, expert_plot],
+        submitted = message.submit(add_user_turn, [message, camera, session_id], [chatbot, message, camera],
+                                   queue=False)
+        submitted.then(bot_turn, [session_id, *settings_inputs], [chatbot, stats_box, expert_plot],
                        concurrency_id="model").then(lambda: gr.MultimodalTextbox(interactive=True), None, [message])
 
-        def stop(conv: Conversation):
-            conv.stop.set()
+        def stop(sid):
+            conversations.get(sid).stop.set()
 
-        stop_btn.click(stop, [conv_state], None, queue=False)
+        stop_btn.click(stop, [session_id], None, queue=False)
 
-        def clear(conv: Conversation):
-            conv.stop.set()
-            fresh = Conversation()
-            return [], "", None, fresh
+        def clear(sid):
+            conversations.reset(sid)
+            return [], "", None
 
-        clear_btn.click(clear, [conv_state], [chatbot, stats_box, expert_plot, conv_state], queue=False)
+        clear_btn.click(clear, [session_id], [chatbot, stats_box, expert_plot], queue=False)
 
-        def load_model(name, quantization):
-            try:
-                status = host.load(name, quantization)
-            except UserError as e:
-                status = f"⚠️ {e}\n\n{host.describe()}"
-            return status, gr.Accordion(visible=host.is_moe), None
+        if host.allow_switch:
+            def load_model(label, quantization):
+                try:
+                    status = host.switch(label, quantization)
+                except UserError as e:
+                    status = f"⚠️ {e}\n\n{host.describe()}"
+                return status, gr.Accordion(visible=host.is_moe), None
 
-        load_btn.click(load_model, [model_box, quant_box], [model_status, experts_box, expert_plot],
-                       concurrency_id="model")
+            load_btn.click(load_model, [model_box, quant_box], [model_status, experts_box, expert_plot],
+                           concurrency_id="model")
 
         # API endpoint for scripts (gradio_client): one message with attachments in, the streamed reply out.
         with gr.Row(visible=False):
@@ -444,18 +517,16 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
 
         def api_chat(text, files, *values):
             conv = Conversation()
-            images, audios = [], []
             try:
-                for path in files or []:
-                    (images if media_kind(path) == "image" else audios).append(path)
-                turn = Turn(text=(text or "").strip(), images=images, audios=audios)
+                images, audios = uploaded_media(list(files or []), upload_dir)
+                turn = Turn(text=str(text or "").strip(), images=images, audios=audios)
                 conv.turns.append(turn)
                 for _ in respond(host, conv, turn, Settings(*values)):
                     yield turn.answer
             except UserError as e:
-                yield f"⚠️ {e}"
+                yield f"⚠️ {without_paths(str(e))}"
             except Exception as e:  # keep serving; report it
-                yield f"⚠️ generation failed: {type(e).__name__}: {e}"
+                yield f"⚠️ generation failed: {type(e).__name__}: {without_paths(str(e))}"
 
         api_trigger.click(api_chat, [api_text, api_files, *settings_inputs], [api_reply], api_name="chat",
                           concurrency_id="model")
@@ -464,25 +535,33 @@ def build_app(host: ModelHost, initial_status: str = "", max_tokens_default: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python apps/gemma4_app.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL_CHOICES[0], help="Hub repo id or local checkpoint directory")
+    p.add_argument("--model", action="append", help="Hub repo id or local checkpoint directory; repeat it to "
+                   f"offer several with --allow-model-switch (the first is loaded at start; default {DEFAULT_MODEL})")
+    p.add_argument("--allow-model-switch", action="store_true",
+                   help="let users switch among the --model checkpoints (off: the app serves the first one only)")
     p.add_argument("--quantize", choices=QUANTIZATION_CHOICES, default="none", help="quantize at load time")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens control")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
     args = p.parse_args(argv)
+    models = args.model or [DEFAULT_MODEL]
+    if len(set(models)) > 1 and not args.allow_model_switch:
+        p.error("several --model need --allow-model-switch (otherwise only the first would ever be served)")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
 
-    host = ModelHost()
+    host = ModelHost(models, allow_switch=args.allow_model_switch)
     try:
-        status = host.load(args.model, args.quantize)
+        status = host.load(models[0], args.quantize)
     except UserError as e:  # start anyway: another model can be picked in the UI
         status = f"⚠️ {e}"
         print(f"warning: {e}", file=sys.stderr)
-        host.name = args.model
-    if args.max_tokens < 1:
-        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        host.name, host.label = models[0], next(iter(host.choices))
     demo = build_app(host, status, args.max_tokens)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    # show_error=False: clients see only the app's own messages (gr.Error), never an exception text of gradio's
+    # with server paths in it; every expected failure is already a chat message
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False)
     return 0
 
 

@@ -41,6 +41,15 @@ def causal_mask(N: int, offset: int, window: int | None = None) -> mx.array:
     return visible if window is None else visible & (q - k < window)
 
 
+QUANTIZED_KV_UNSUPPORTED = "quantized KV caches (mlx-lm's kv_bits) are not supported: generate without kv_bits"
+
+
+def _refuse_quantization(self, group_size: int = 64, bits: int = 4):
+    """mlx-lm's generate_step converts every cache that has `to_quantized` when kv_bits is set (and skips the
+    others silently): ours refuse, as the model refuses mlx-lm's quantized caches."""
+    raise ValueError(QUANTIZED_KV_UNSUPPORTED)
+
+
 class KVCache:
     """Growing cache (global layers): keys/values (B, H, capacity, D), positions 0 .. offset-1 filled."""
 
@@ -96,6 +105,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    to_quantized = _refuse_quantization
 
     @property
     def state(self):
@@ -252,6 +263,8 @@ class RotatingKVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    to_quantized = _refuse_quantization
 
     @property
     def state(self):

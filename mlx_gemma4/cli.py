@@ -22,8 +22,9 @@ import traceback
 from typing import Callable, Sequence
 
 DEFAULT_MODEL = "google/gemma-4-E2B-it"
-# Failures a user can cause and fix (bad input, a missing or unreadable file, a prompt over the context, too
-# little memory): one line `error: ...`. ConfigError, CheckpointError, AudioError and ContextError are ValueErrors.
+# Failures a user can cause and fix: bad input (errors.InputError: ConfigError, CheckpointError, MediaError,
+# PromptCacheError; engine.ContextError; other ValueErrors), a missing or unreadable file, too little memory.
+# Each is one line `error: ...`; anything else is one line too, with a hint to rerun with --verbose.
 EXPECTED_ERRORS = (ValueError, OSError, MemoryError)
 
 
@@ -111,17 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--image", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--image", nargs="+", default=[], metavar="PATH", help="images for the (first) message")
     p.add_argument("--max-soft-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
                    help="soft tokens per image (default: the checkpoint's, 280)")
-    p.add_argument("--audio", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--audio", nargs="+", default=[], metavar="PATH", help="audio clips for the (first) message")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (KV cache kept between turns)")
-    p.add_argument("--prompt-cache", metavar="FILE", help="a prefix cache from `mlx-gemma4-prompt-cache`")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="a prefix cache from `mlx-gemma4-prompt-cache` (with --prompt or --chat)")
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16 (default: the backend's best)")
     p.add_argument("--weights-dtype", default=None,
                    help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
                         "upcast per call (default: the compute dtype)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--draft-model", metavar="ID",
+                   help="the model's MTP drafter (e.g. google/gemma-4-E2B-it-assistant): speculative decoding, the "
+                        "same output (greedy: token for token)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the drafter proposes per step")
     p.add_argument("--drop-oldest-turns", action="store_true",
                    help="--chat: when a turn does not fit the context, drop the oldest turns (the rest is prefilled "
                         "again) instead of refusing it")
@@ -129,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CHAT_HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits"
+CHAT_HELP = ("/image PATH and /audio PATH attach files to your next message, /reset starts a new conversation, "
+             "/exit (or Ctrl-D) quits")
 
 
 def _chat_inputs(first: str | None):
-    """The user's turns: `first` (from --prompt), then stdin lines; /exit, /quit or end of input stop."""
+    """The user's lines: `first` (from --prompt), then stdin; /exit, /quit or end of input stop."""
     if first is not None:
         yield first
     interactive = sys.stdin.isatty()
@@ -150,7 +157,7 @@ def _chat_inputs(first: str | None):
             yield text
 
 
-def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
+def _chat_turn(session, text: str, attachments: dict, gen_kwargs: dict, drop_oldest: bool):
     """Stream one reply to stdout; the last chunk. With drop_oldest, a turn over the context drops the oldest
     turns until it fits."""
     from .engine import ContextError
@@ -158,7 +165,7 @@ def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
     while True:
         try:
             chunk = None
-            for chunk in session.send(text, **gen_kwargs):
+            for chunk in session.send(text, images=attachments["image"], audio=attachments["audio"], **gen_kwargs):
                 print(chunk.text, end="", flush=True)
             return chunk
         except ContextError:
@@ -168,50 +175,64 @@ def _chat_turn(session, text: str, gen_kwargs: dict, drop_oldest: bool):
             print("(dropped the oldest turn to make room)", file=sys.stderr, flush=True)
 
 
-def _run_chat(model, processor, args, gen_kwargs) -> None:
-    """The REPL. A failed turn (a prompt over the context, a bad file) is reported and the conversation goes on."""
+def _run_chat(model, processor, args, gen_kwargs, prompt_cache) -> None:
+    """The REPL. --image/--audio go with the first message, /image and /audio attach files to the next one. A
+    failed turn (a prompt over the context, a bad file) is reported and the conversation goes on."""
     from .session import ChatSession
 
-    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking)
+    session = ChatSession(model, processor, system=args.system, enable_thinking=args.thinking,
+                          prompt_cache=prompt_cache)
+    attachments = {"image": list(args.image), "audio": list(args.audio)}
     for text in _chat_inputs(args.prompt):
-        if text == "/reset":
-            session.reset()
-            print("(new conversation)", file=sys.stderr, flush=True)
-            continue
+        command, _, rest = text.partition(" ")
         try:
-            chunk = _chat_turn(session, text, gen_kwargs, args.drop_oldest_turns)
+            if command == "/reset":
+                session.reset()
+                print("(new conversation)", file=sys.stderr, flush=True)
+            elif command in ("/image", "/audio"):
+                paths = rest.split()
+                _check_files(paths, command[1:])
+                attachments[command[1:]] += paths
+                print(f"(attached to your next message: {', '.join(paths) or 'nothing'})", file=sys.stderr,
+                      flush=True)
+            else:
+                turn, attachments = attachments, {"image": [], "audio": []}
+                chunk = _chat_turn(session, text, turn, gen_kwargs, args.drop_oldest_turns)
+                print(flush=True)
+                print(chunk.stats.summary(), file=sys.stderr, flush=True)
+                if chunk.stats.finish_reason == "context":
+                    print(f"(the context is full; {CHAT_HELP})", file=sys.stderr, flush=True)
         except EXPECTED_ERRORS as e:
             print(f"error: {_one_line(e)}; the conversation is kept ({CHAT_HELP})", file=sys.stderr, flush=True)
-            continue
-        print(flush=True)
-        print(chunk.stats.summary(), file=sys.stderr, flush=True)
-        if chunk.stats.finish_reason == "context":
-            print(f"(the context is full; {CHAT_HELP})", file=sys.stderr, flush=True)
 
 
 def _generate(args) -> int:
-    _check_files(args.image, "image")
-    _check_files(args.audio, "audio")
-    if (args.image or args.audio) and (args.chat or args.prompt_cache or args.no_chat_template):
-        raise ValueError("--image/--audio work with a single --prompt (not with --chat, --prompt-cache or "
-                         "--no-chat-template)")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
-    gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                      min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
-    if args.chat:
-        args.prompt = prompt
-        _run_chat(model, processor, args, gen_kwargs)
-        return 0
-    from .generate import stream_generate
     from .prompt_cache import load_prompt_cache
 
+    _check_files(args.image, "image")
+    _check_files(args.audio, "audio")
+    if (args.image or args.audio) and args.no_chat_template:
+        raise ValueError("--image/--audio need the chat template (drop --no-chat-template)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
     prompt_cache = load_prompt_cache(args.prompt_cache, model)[0] if args.prompt_cache else None
+    gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                      min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                      max_soft_tokens=args.max_soft_tokens)
+    if args.draft_model:
+        from .drafter import load_drafter
+
+        gen_kwargs.update(draft_model=load_drafter(args.draft_model, model), num_draft_tokens=args.num_draft_tokens)
+    if args.chat:
+        args.prompt = prompt
+        _run_chat(model, processor, args, gen_kwargs, prompt_cache)
+        return 0
+    from .generate import stream_generate
+
     chunk = None
     for chunk in stream_generate(model, processor, prompt, system=args.system, enable_thinking=args.thinking,
                                  use_chat_template=not args.no_chat_template, prompt_cache=prompt_cache,
-                                 images=args.image or None, audio=args.audio or None,
-                                 max_soft_tokens=args.max_soft_tokens, **gen_kwargs):
+                                 images=args.image or None, audio=args.audio or None, **gen_kwargs):
         print(chunk.text, end="", flush=True)
     print(flush=True)
     print(chunk.stats.summary(), file=sys.stderr)
@@ -273,7 +294,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                                 description="Convert (and optionally quantize) a Gemma 4 checkpoint for MLX.")
     p.add_argument("--model", required=True, help="source: local directory or Hub repo id")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="quantize weights to 4 or 8 bits")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+                   help="quantize weights to this many bits (affine mode)")
     add_quantization_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
@@ -283,7 +305,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
     args = p.parse_args(argv)
-    if args.bits is None and (args.recipe != "uniform" or args.calibration or args.target_bpw):
+    if args.bits is None and args.mode == "affine" and (args.recipe != "uniform" or args.calibration
+                                                        or args.target_bpw):
         p.error("--recipe, --calibration and --target-bpw need --bits")
 
     def run() -> None:
@@ -291,22 +314,26 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
 
         recipe = recipe_of(args)
         out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=recipe,
-                      dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite, fmt=args.fmt,
-                      report=lambda text: print(text, file=sys.stderr))
+                      mode=args.mode, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite,
+                      fmt=args.fmt, report=lambda text: print(text, file=sys.stderr))
         quant = json.loads((out / "config.json").read_text()).get("quantization")
         q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
-        if args.bits:
-            q = f"{args.bits}-bit {recipe.name}, group {args.group_size}"
+        if quant and args.recipe != "uniform":
+            q += f", {recipe.name} recipe"
         print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
 
     return run_reporting_errors(run, args.verbose)
 
 
 def add_quantization_options(p: argparse.ArgumentParser) -> None:
-    """--group-size, --recipe, --calibration, --target-bpw (mlx_gemma4.quant)."""
+    """--group-size, --mode, --recipe, --calibration, --target-bpw (mlx_gemma4.quant)."""
+    from .kernels.products import QUANT_MODES
     from .quant import RECIPES
 
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128), default=None,
+                   help="weights per scale (default: 64 in affine mode; the fp modes have their own)")
+    p.add_argument("--mode", choices=tuple(QUANT_MODES), default="affine",
+                   help="MLX quantization mode; mxfp4, mxfp8 and nvfp4 quantize without --bits")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="uniform",
                    help="uniform: every matrix at --bits; mixed: embeddings, PLE and MoE router at 8 bits; dynamic: "
                         "mixed, plus the matrices whose quantization hurts most at 6 or 8 bits within --target-bpw; "
@@ -342,7 +369,7 @@ def perplexity_main(argv: Sequence[str] | None = None) -> int:
                    "mean KL(reference || model) and the top-1 agreement")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="only the first N tokens of the text")
     p.add_argument("--chunk", type=_positive_int, default=256, help="positions per forward pass")
-    p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8), default=None, metavar="BITS",
                    help="quantize --model at load time (as load(quantize=...)) before evaluating")
     add_quantization_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -352,12 +379,14 @@ def perplexity_main(argv: Sequence[str] | None = None) -> int:
     def run() -> None:
         from pathlib import Path
 
+        from .convert import quantization_settings
         from .loading import load
         from .perplexity import evaluate, text_ids
 
         text = Path(args.text).read_text(encoding="utf-8")
-        model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                                recipe=recipe_of(args))
+        bits, group_size = quantization_settings(args.quantize, args.group_size, args.mode)
+        model, processor = load(args.model, dtype=args.dtype, quantize=bits, group_size=group_size,
+                                recipe=recipe_of(args), quantize_mode=args.mode)
         ids = text_ids(processor, text, args.max_tokens)
         reference = load(args.reference, dtype=args.dtype)[0] if args.reference else None
         result = evaluate(model, [ids], reference, chunk=args.chunk)

@@ -184,6 +184,8 @@ def _stored(in_dim: int, packed: mx.array | None, scales: mx.array | None) -> di
     """How a matrix is stored, read off its tensors: {group_size, bits, mode}, False (float, no scales), or why
     the tensors can't be a quantized matrix."""
     if scales is None:
+        if packed is not None and packed.dtype == mx.uint32:
+            return f"packed uint32 weight {tuple(packed.shape)} stored without its scales"
         return False
     if packed is None or packed.dtype != mx.uint32 or packed.ndim < 2 or scales.ndim != packed.ndim:
         what = "missing" if packed is None else f"{packed.dtype} {tuple(packed.shape)}"
@@ -249,7 +251,7 @@ def checkpoint_quantization(model: nn.Module, weights: dict[str, mx.array], raw_
             if declared is None:  # not named: float, or quantized with the global settings
                 declared = default if stored else False
             if isinstance(stored, str):
-                problems.append(f"{scales_key.rsplit('.', 1)[0]}: {stored}")
+                problems.append(f"{matrix}: {stored}")
             elif stored and (problem := quant_params_problem(**stored)):
                 problems.append(f"{matrix}: {problem}")
             elif stored != declared:

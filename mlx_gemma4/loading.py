@@ -161,22 +161,24 @@ def build_model(config: ModelConfig) -> Gemma4:
 
 
 def load_model(path: Path, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-               lazy: bool = False, *, policy: RuntimePolicy | None = None) -> Gemma4:
+               lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine") -> Gemma4:
     config = load_config(path)
     header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
     check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
     processor = load_processor(path, config) if quantize else None  # tokenizes the calibration text
     return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy,
-                              processor=processor)
+                              mode=mode, processor=processor)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-                       lazy: bool = False, *, policy: RuntimePolicy | None = None, processor=None) -> Gemma4:
+                       lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine",
+                       processor=None) -> Gemma4:
     """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
 
-    quantize/group_size/recipe: see mlx_gemma4.quant (recipe: a name or a quant.Recipe); `processor` tokenizes
-    the calibration text of calibrated recipes.
+    quantize (bits), group_size, recipe (a name or a quant.Recipe), mode (MLX's quantization mode): quantize at
+    load time with mlx_gemma4.quant (fitted scales; see quant.plan for which module gets what); `processor`
+    tokenizes the calibration text of calibrated recipes.
 
     policy (default: RuntimePolicy.from_arguments()): its compute dtype, and the storage dtype of the text
     decoder's float weight matrices (e.g. bfloat16 under float32 compute; quantized models ignore it). The model
@@ -213,7 +215,7 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
             raise ValueError(f"{path} is already quantized ({settings}); quantize=None to load it")
         from .quant import quantize as quantize_weights
 
-        config.quantization = quantize_weights(model, quantize, group_size, recipe, processor)
+        config.quantization = quantize_weights(model, quantize, group_size, recipe, processor, mode)
     use_products(model, target)  # quantized and compact weights' products in `target` (mlx_gemma4.compact)
     model.policy = policy
     model.eval()
@@ -224,20 +226,22 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | str | None = None, quantize: int | None = None,
          group_size: int = 64, recipe: str = "uniform", lazy: bool = False, revision: str | None = None, *,
-         weights_dtype: mx.Dtype | str | None = None, kernels: str | None = None, unpack_rows: int | None = None):
+         weights_dtype: mx.Dtype | str | None = None, kernels: str | None = None, unpack_rows: int | None = None,
+         quantize_mode: str = "affine"):
     """Load a checkpoint. Returns (model, processor); processor is None when the checkpoint has no tokenizer.
 
     The runtime policy (mlx_gemma4.runtime; `model.policy`) comes from the arguments, the MLX_GEMMA4_* environment
     variables being their defaults: dtype is the compute dtype; weights_dtype="bfloat16" keeps float weight matrices
     in bfloat16 under float32 compute (half the memory; see mlx_gemma4.compact); kernels is the kernel backend
     (auto | metal | mlx); unpack_rows the row count from which CPU products unpack compact weights (0: never).
+    quantize (bits), group_size, recipe, quantize_mode: quantize at load time (see quantization_plan).
     Also takes a llama.cpp `.gguf` file, or "demo" for the offline demo model (see load_gguf)."""
     policy = RuntimePolicy.from_arguments(dtype, weights_dtype, kernels, unpack_rows)
     gguf_file = resolve_gguf(path_or_repo)
     if gguf_file is not None:
-        return load_gguf(gguf_file, quantize, group_size, recipe, lazy, policy=policy)
+        return load_gguf(gguf_file, quantize, group_size, recipe, lazy, policy=policy, mode=quantize_mode)
     path = resolve_path(path_or_repo, revision)
-    model = load_model(path, quantize, group_size, recipe, lazy, policy=policy)
+    model = load_model(path, quantize, group_size, recipe, lazy, policy=policy, mode=quantize_mode)
     return model, load_processor(path, model.config)
 
 
@@ -268,7 +272,7 @@ def resolve_gguf(path_or_repo: str | os.PathLike) -> Path | None:
 
 
 def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-              lazy: bool = False, *, policy: RuntimePolicy | None = None):
+              lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine"):
     """Load a gemma3/gemma4 GGUF file: weights dequantized to float (then the policy's dtype, or re-quantized to
     MLX's format with `quantize`). Returns (model, processor); processor None if the processing package is absent."""
     from . import gguf
@@ -290,6 +294,6 @@ def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: 
         mx.eval(weights[name])
     processor = gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
     model = model_from_weights(config, weights, Path(path), quantize, group_size, recipe, lazy, policy=policy,
-                               processor=processor)
+                               mode=mode, processor=processor)
     return model, processor
 

@@ -6,64 +6,99 @@ from __future__ import annotations
 from typing import Iterator
 
 from .generate import GenerationChunk, stream_generate
+from .processing.messages import split_media
 from .prompt_cache import PromptCache
 
 
+REPLY_STAND_IN = "\uE000reply\uE001"  # private-use characters: no template writes them
+
+
+def _as_list(media) -> list:
+    return [] if media is None else list(media) if isinstance(media, (list, tuple)) else [media]
+
+
+def user_message(content, images=None, audio=None) -> dict:
+    """A user message: `content` (text or a content list) after image and audio items for `images` / `audio`."""
+    items = ([{"type": "image", "image": i} for i in _as_list(images)]
+             + [{"type": "audio", "audio": a} for a in _as_list(audio)])
+    if not items:
+        return {"role": "user", "content": content}
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    return {"role": "user", "content": items + text}
+
+
 class ChatSession:
-    """Multi-turn chat that keeps the KV caches between turns and only prefills each turn's new tokens.
+    """Multi-turn chat that keeps the KV caches between turns and only prefills each turn's new tokens; any turn
+    may carry images and audio clips.
 
     Each new turn feeds the template's text between the cached history and the new generation prompt (the
-    close of the previous reply and the new user turn). The cache holds the reply as generated (with its empty
-    thought channel), where re-rendering the history would drop that; the difference is the template's own
-    history formatting, which a cache that cannot be rewound (sliding windows) cannot replay."""
+    close of the previous reply and the new user turn, with this turn's media expanded to their soft tokens).
+    The cache holds the reply as generated (with its empty thought channel), where re-rendering the history
+    would drop that; the difference is the template's own history formatting, which a cache that cannot be
+    rewound (sliding windows) cannot replay. When the history cannot be continued cleanly (or after reset,
+    drop_oldest_turn or a failed step), the whole conversation is prefilled again, earlier media included.
 
-    def __init__(self, model, processor, *, system: str | None = None, enable_thinking: bool = False, tools=None):
+    `prompt_cache`: caches holding a prefix of the first turn (e.g. the system prompt, from
+    `mlx-gemma4-prompt-cache`); the first turn prefills only the rest."""
+
+    def __init__(self, model, processor, *, system: str | None = None, enable_thinking: bool = False, tools=None,
+                 prompt_cache: PromptCache | None = None):
         self.model, self.processor = model, processor
         self.enable_thinking, self.tools = enable_thinking, tools
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.cache = PromptCache.fresh(model)
+        self.cache = prompt_cache or PromptCache.fresh(model)
         self._unfed: list[int] = []
         self._fed_extra: list[int] = []
 
     def _render(self, messages, generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tools=self.tools, enable_thinking=self.enable_thinking,
-                                                  add_generation_prompt=generation_prompt)
+        return self.processor.render_prompt(messages, tools=self.tools, enable_thinking=self.enable_thinking,
+                                            add_generation_prompt=generation_prompt)
 
-    def _turn_ids(self, user_text: str) -> list[int]:
-        """The full token ids of the conversation plus this user turn, as the cache should see them."""
-        messages = [*self.messages, {"role": "user", "content": user_text}]
-        if not self.cache.tokens:
-            return self.processor.encode(self._render(messages, True))
-        reply = self.processor.split_thinking(self.messages[-1]["content"])[1]
-        history = self._render(self.messages, False)
-        full = self._render(messages, True)
-        at = history.rfind(reply) if reply else -1
-        if at < 0 or not full.startswith(history):
-            return self.processor.encode(full)  # no clean continuation: prefill from scratch
-        closing = history[at + len(reply):]
+    def _turn_inputs(self, message: dict, max_soft_tokens: int | None = None) -> tuple[list[int], dict]:
+        """(token ids of the conversation plus this user message as the cache should hold them, the media inputs
+        for the part after the cache)."""
+        previous = self.messages[-1] if self.messages else None
+        if not self.cache.tokens or previous is None or previous["role"] != "assistant":
+            return self._whole_conversation([*self.messages, message], max_soft_tokens)
+        # The cache holds the last reply as generated; the template's text after it (closing the turn) comes from
+        # rendering a stand-in reply, whatever the real one is (empty, cut mid-word, with a thought channel).
+        messages = [*self.messages[:-1], {**previous, "content": REPLY_STAND_IN}]
+        history = self._render(messages, False)
+        full = self._render([*messages, message], True)
+        if history.count(REPLY_STAND_IN) != 1 or not full.startswith(history):
+            return self._whole_conversation([*self.messages, message], max_soft_tokens)  # no clean continuation
+        closing = history[history.index(REPLY_STAND_IN) + len(REPLY_STAND_IN):]
         fed_after_reply = self.processor.decode(self._fed_extra)
         if closing.startswith(fed_after_reply):
             closing = closing[len(fed_after_reply):]
-        delta = closing + full[len(history):]
-        return self.cache.tokens + self._unfed + self.processor.encode(delta, add_bos=False)
+        expansions, media = self.processor.process_media(split_media([message])[1], max_soft_tokens)
+        delta = self.processor.encode_prompt_text(closing + full[len(history):], expansions, add_bos=False)
+        return self.cache.tokens + self._unfed + delta, media
 
-    def send(self, user_text: str, **generation_kwargs) -> Iterator[GenerationChunk]:
-        """Stream the reply to a user turn (generation_kwargs: stream_generate's). A turn that does not fit the
-        context raises engine.ContextError before anything is prefilled, and the conversation stays as it was.
-        A reply cut short (max_tokens, a full context, the caller closing the stream) is kept as it stands."""
-        ids = self._turn_ids(user_text)
+    def _whole_conversation(self, messages: list[dict], max_soft_tokens: int | None) -> tuple[list[int], dict]:
+        return self.processor.prompt_inputs(messages, tools=self.tools, enable_thinking=self.enable_thinking,
+                                            max_soft_tokens=max_soft_tokens)
+
+    def send(self, content, *, images=None, audio=None, max_soft_tokens: int | None = None,
+             **generation_kwargs) -> Iterator[GenerationChunk]:
+        """Stream the reply to a user turn: `content` is its text or a content list (transformers' format, media
+        items included); `images` / `audio` (paths, arrays, bytes, PIL images) come before the text.
+        generation_kwargs: stream_generate's. A turn that does not fit the context raises engine.ContextError
+        before anything is prefilled, and the conversation stays as it was. A reply cut short (max_tokens, a
+        full context, the caller closing the stream) is kept as it stands."""
+        message = user_message(content, images, audio)
+        ids, media = self._turn_inputs(message, max_soft_tokens)
         reply, generated, chunk = [], [], None
         try:
             for chunk in stream_generate(self.model, self.processor, ids, prompt_cache=self.cache,
-                                         **generation_kwargs):
+                                         media=media or None, **generation_kwargs):
                 reply.append(chunk.text)
                 if chunk.token is not None:
                     generated.append(chunk.token)
                 yield chunk
         finally:
             if chunk is not None:  # else refused or failed before the first token: the conversation is as it was
-                self.messages += [{"role": "user", "content": user_text},
-                                  {"role": "assistant", "content": "".join(reply)}]
+                self.messages += [message, {"role": "assistant", "content": "".join(reply)}]
                 fed = self.cache.tokens[chunk.stats.cached_tokens + chunk.stats.prompt_tokens:]
                 self._unfed = generated[len(fed):]  # the last token of a cut reply is not in the cache
                 self._fed_extra = fed[len(generated):]  # the stop token is in the cache but not in the reply

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Attention, AttentionInputs
-from .cache import KVCache, RotatingKVCache, is_native
+from .cache import QUANTIZED_KV_UNSUPPORTED, KVCache, RotatingKVCache, is_native
 from .config import SLIDING, TextConfig
 from .mlp import MLP
 from .moe import Experts, Router
@@ -160,7 +160,7 @@ class TextModel(nn.Module):
             raise ValueError("prompts with images attend bidirectionally within each image; run them through "
                              "this model's own caches (model.make_cache()), not mlx-lm's")
         if any(hasattr(c, "bits") for c in present):
-            raise ValueError("quantized KV caches (mlx-lm's kv_bits) are not supported: generate without kv_bits")
+            raise ValueError(QUANTIZED_KV_UNSUPPORTED)
         masks = {}
         for i, kind in enumerate(cfg.layer_types[: cfg.first_kv_shared_layer]):
             if kind not in masks and caches[i] is not None:

@@ -1,9 +1,11 @@
-"""The Gradio app (apps/gemma4_app.py): its chat logic in-process, then the running app driven through a real
-browser (Debian's chromium via Playwright) and through gradio_client, on a tiny MoE checkpoint."""
+"""The Gradio app (apps/gemma4_app.py): its chat logic in-process, then the running app (one launch, serving a
+tiny E2B with vision and audio and, with --allow-model-switch, a tiny MoE) driven over HTTP as the browser does,
+through gradio_client, and through a real browser (Debian's chromium via Playwright)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +119,9 @@ def test_multi_turn_reuses_kv_cache_and_matches_a_fresh_prefill(app, host):
     assert conv.session.messages[0] == {"role": "system", "content": "Be brief."}
 
 
-def test_stop_keeps_the_partial_reply_and_rebuilds_the_cache(app, host):
+def test_stop_keeps_the_partial_reply_and_the_cache(app, host):
+    from mlx_gemma4.generate import generate
+
     conv = app.Conversation()
     turn = app.Turn(text=PROMPT)
     conv.turns.append(turn)
@@ -126,9 +131,13 @@ def test_stop_keeps_the_partial_reply_and_rebuilds_the_cache(app, host):
     rest = list(stream)
     assert turn.stats.startswith("stopped by the user")
     assert len(rest) == 1 and turn.generation_stats.generation_tokens == 1
-    assert conv.session is None  # its cache held a reply the session never recorded
+    session = conv.session
+    assert session is not None and session.messages[-1] == {"role": "assistant", "content": turn.raw_reply}
     nxt, _ = run_turn(app, host, conv, "go on")
-    assert nxt.generation_stats.cached_tokens == 0 and nxt.generation_stats.generation_tokens > 0
+    stats = nxt.generation_stats
+    assert conv.session is session and stats.cached_tokens > 0 and stats.generation_tokens > 0
+    ids = session.cache.tokens[:stats.cached_tokens + stats.prompt_tokens]
+    assert generate(host.model, host.processor, ids, max_tokens=24) == nxt.raw_reply  # = a fresh prefill
 
 
 def test_moe_reply_comes_with_an_expert_plot(app, host):
@@ -166,12 +175,17 @@ def test_image_and_audio_turns_generate_and_stay_in_context(app, media_host, med
     small.turns.append(first)
     list(app.respond(media_host, small, first, app.Settings(max_tokens=12, image_budget=70)))
     assert first.generation_stats.prompt_tokens < turn.generation_stats.prompt_tokens
-    follow = app.Turn("and then? <|image|>")  # typed marker tokens are dropped, not taken as an image slot
+    follow = app.Turn("and then? <|image|>")  # a typed marker token stays text, not an image slot
     small.turns.append(follow)
     list(app.respond(media_host, small, follow, app.Settings(max_tokens=12, image_budget=70)))
     assert follow.error is None and follow.generation_stats.generation_tokens > 0
-    # (a text-only history would be shorter than the first prompt, which holds the image and audio tokens)
-    assert follow.generation_stats.prompt_tokens > first.generation_stats.prompt_tokens
+    # the first turn (its image and audio soft tokens included) is reused from the cache
+    assert follow.generation_stats.cached_tokens > first.generation_stats.prompt_tokens
+    ids = small.session.cache.tokens[:follow.generation_stats.cached_tokens + follow.generation_stats.prompt_tokens]
+    _, media = media_host.processor.prompt_inputs("", images=[media["image"]], audio=[media["audio"]],
+                                                  max_soft_tokens=70)
+    reply = generate(media_host.model, media_host.processor, ids, media=media, max_tokens=12)
+    assert reply == follow.raw_reply  # = one fresh prefill of the conversation with both attachments
 
 
 def test_quantization_choice_loads_a_quantized_model(app, moe_chat):
@@ -222,9 +236,61 @@ def test_input_and_model_errors_are_messages(app, host, media):
     assert oom.session is None  # the next turn starts from a clean cache
 
     name = host.name
-    with pytest.raises(app.UserError, match="could not load /nonexistent/model"):
+    with pytest.raises(app.UserError, match="could not load model: ") as failed:
         host.load("/nonexistent/model")
+    assert "/nonexistent" not in str(failed.value)  # no server path in a message
     assert host.name == name and host.model is not None  # the loaded model stays
+
+
+def test_model_switching_is_off_by_default_and_only_among_the_command_line_models(app, moe_chat, media_chat,
+                                                                                   tmp_path):
+    fixed = app.ModelHost([str(media_chat)])
+    with pytest.raises(app.UserError, match="model switching is disabled"):
+        fixed.switch(app.model_label(str(media_chat)), "none")
+    api = {fn.api_name for fn in app.build_app(fixed).fns.values()}
+    assert "chat" in api and "load_model" not in api  # no such endpoint at all, not a hidden one
+
+    host = app.ModelHost([str(media_chat), str(moe_chat)], allow_switch=True)
+    host.load(str(media_chat))
+    labels = {label: name for label, name in host.choices.items()}
+    assert labels == {media_chat.name: str(media_chat), moe_chat.name: str(moe_chat)}  # no paths shown
+    before = (host.name, host.generation)
+    link = tmp_path / "elsewhere"
+    link.symlink_to(moe_chat)
+    for asked in [str(moe_chat), str(link), "/etc", "../" + moe_chat.name, "", None, [moe_chat.name]]:
+        with pytest.raises(app.UserError, match="this server offers only these models") as refused:
+            host.switch(asked, "none")
+        assert str(tmp_path) not in str(refused.value) and str(moe_chat.parent) not in str(refused.value)
+    assert (host.name, host.generation) == before  # nothing was loaded
+    assert "MoE: top-8" in host.switch(moe_chat.name, "none") and host.name == str(moe_chat)
+
+    assert app.model_labels(["/a/x", "/b/x", "google/gemma-4-E2B-it"]) == {
+        "x": "/a/x", "x (2)": "/b/x", "google/gemma-4-E2B-it": "google/gemma-4-E2B-it"}
+
+
+def test_attachments_only_from_the_upload_folder_and_messages_without_paths(app, tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    inside, outside = uploads / "abc" / "cat.png", tmp_path / "secret.png"
+    inside.write_bytes(b"x")
+    outside.write_bytes(b"x")
+    (uploads / "link.png").symlink_to(outside)
+    assert app.uploaded_media([str(inside), str(uploads / "abc" / "clip.wav")], uploads.resolve()) == (
+        [str(inside)], [str(uploads / "abc" / "clip.wav")])
+    for path in [str(outside), str(uploads / "abc" / ".." / ".." / "secret.png"), str(uploads / "link.png"), 7]:
+        with pytest.raises(app.UserError, match="attachments must be uploaded through the app") as refused:
+            app.uploaded_media([path], uploads.resolve())
+        assert str(tmp_path) not in str(refused.value)
+
+    assert app.without_paths("no config.json in /etc") == "no config.json in etc"
+    assert app.without_paths("cannot identify image file '/tmp/gradio/ab/x.png'") == (
+        "cannot identify image file 'x.png'")
+    assert app.without_paths("see https://example.org/a/b, ~/models/m/ and a/b") == "see https://example.org/a/b, m and a/b"
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    with pytest.raises(app.UserError, match="could not load empty-dir") as failed:
+        app.ModelHost().load(str(empty))
+    assert str(tmp_path) not in str(failed.value)
 
 
 # -- the running app ------------------------------------------------------------------------------------------
@@ -235,13 +301,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(media_chat, tmp_path_factory):
+def server(media_chat, moe_chat, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(media_chat), "--port", str(port),
-                                 "--max-tokens", "24"],
+        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(media_chat), "--model", str(moe_chat),
+                                 "--allow-model-switch", "--port", str(port), "--max-tokens", "24"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 150
@@ -321,6 +387,88 @@ def test_gradio_client_streams_replies_and_reports_errors(server, media):
     assert after == job.result()  # still serving, same greedy reply
 
 
+class Browser:
+    """The HTTP calls the browser's gradio client makes: queued events through /queue/join + /queue/data,
+    the others through /run/predict; events named by their index (what hiding an endpoint doesn't stop)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.http, self.session = url, httpx.Client(timeout=120), uuid.uuid4().hex[:11]
+        config = self.http.get(url + "config").json()
+        states = {c["id"] for c in config["components"] if c["type"] == "state"}
+        self.events = {d["api_name"]: (d["id"], d["queue"] is not False, [i in states for i in d["inputs"]])
+                       for d in config["dependencies"]}
+
+    def call(self, api_name: str, *values) -> tuple[bool, object]:
+        """(success, output data or error) of one event; `values` of its inputs but the session state (the
+        browser sends null there: the server keeps the state)."""
+        fn, queued, is_state = self.events[api_name]
+        values = iter(values)
+        data = [None if state else next(values) for state in is_state]
+        assert next(values, None) is None, f"too many values for {api_name}"
+        body = {"data": data, "fn_index": fn, "session_hash": self.session, "event_data": None,
+                "trigger_id": None}
+        if not queued:
+            r = self.http.post(self.url + "gradio_api/run/predict", json=body)
+            return r.status_code == 200, r.json().get("data", r.json().get("error"))
+        assert self.http.post(self.url + "gradio_api/queue/join", json=body).status_code == 200
+        with self.http.stream("GET", self.url + f"gradio_api/queue/data?session_hash={self.session}") as events:
+            for line in events.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    output = message["output"]
+                    return message["success"], output.get("data", output.get("error"))
+        raise AssertionError(f"{api_name}: the event stream ended without a result")
+
+
+def test_endpoints_refuse_client_paths_and_keep_answering(server, media, moe_chat, monkeypatch):
+    import gradio_client.client
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    settings = [24, 0.0, 1.0, False, 280, ""]
+    client = Client(server, verbose=False, download_files=False)
+    expected = client.predict(PROMPT, [], *settings, api_name="/chat")
+    assert expected and not expected.startswith("⚠️")
+    never_uploaded = {"path": media["image"], "meta": {"_type": "gradio.FileData"}}  # a file on the server
+    refused = "this server offers only these models"
+
+    # as the browser would: the files and the model are only what the client posts
+    browser = Browser(server)
+    assert browser.call("chat", "look", [never_uploaded], *settings) == (False, None)  # no message with a path
+    with open(media["image"], "rb") as f:  # the same file uploaded is fine
+        uploaded, = browser.http.post(server + "gradio_api/upload", files=[("files", ("cat.png", f))]).json()
+    ok, (reply,) = browser.call("chat", "look", [dict(never_uploaded, path=uploaded)], *settings)
+    assert ok and reply and not reply.startswith("⚠️")
+    assert browser.call("add_user_turn", {"text": "look", "files": [never_uploaded]}, None)[0] is False
+    for path in [str(moe_chat), "/etc"]:
+        ok, (status, *_) = browser.call("load_model", path, "none")
+        assert ok and refused in status and str(moe_chat.parent) not in status
+        assert "vision encoder · audio encoder" in status  # the served model stays
+
+    # through gradio_client, as a client that posts a path instead of uploading the file
+    monkeypatch.setattr(gradio_client.client.Endpoint, "_upload_file", lambda self, f, data_index: f)
+    with pytest.raises(AppError):
+        client.predict("look", [never_uploaded], *settings, api_name="/chat")
+    with pytest.raises(AppError):
+        client.predict({"text": "look", "files": [never_uploaded]}, None, api_name="/add_user_turn")
+    for path in [str(moe_chat), "/etc"]:
+        status, *_ = client.predict(path, "none", api_name="/load_model")
+        assert refused in status and str(moe_chat.parent) not in status
+    monkeypatch.undo()
+
+    # a normal request answers as before, through /chat and through the stateful chat endpoints
+    assert client.predict(PROMPT, [], *settings, api_name="/chat") == expected
+    client.predict({"text": PROMPT, "files": []}, None, api_name="/add_user_turn")
+    history, stats, _ = client.predict(*settings, api_name="/bot_turn")
+    assert history[-1]["role"] == "assistant" and history[-1]["content"][0]["text"] == expected
+    assert "generation: " in stats
+    ok, (history, _, _) = browser.call("add_user_turn", {"text": PROMPT, "files": []}, None)
+    ok, (history, stats, _) = browser.call("bot_turn", *settings)
+    assert ok and history[-1]["content"][0]["text"] == expected
+
+
 def _last_bot_text(page) -> str:
     return page.evaluate("() => { const b = document.querySelectorAll('#chat .bot, #chat [data-testid=\"bot\"]');"
                          " return b.length ? b[b.length - 1].innerText : ''; }")
@@ -368,7 +516,7 @@ def test_browser_chat_streams_and_handles_attachments(server, browser, media, mo
     _reply_done(page, before)
     assert _last_bot_text(page).strip() and not _last_bot_text(page).startswith("⚠")
 
-    # the stop button interrupts a long reply (this checkpoint answers PROMPT until max tokens)
+    # the stop button interrupts a reply (here about 80 tokens) right after its first chunk
     page.click("text=Settings")
     page.fill("#max-tokens input[type=number]", "4000")
     page.press("#max-tokens input[type=number]", "Enter")
@@ -376,22 +524,22 @@ def test_browser_chat_streams_and_handles_attachments(server, browser, media, mo
     _send(page, PROMPT)
     page.wait_for_function("before => { const s = document.querySelector('#stats').innerText;"
                            " return s !== before && s.includes('generation:'); }", arg=before, timeout=60000)
-    page.click("#stop")
+    page.click("#stop", force=True)  # while the chat streams, the page reflows and the button is never "stable"
     page.wait_for_function("() => document.querySelector('#stats').innerText.includes('stopped by the user')",
                            timeout=30000)
     _wait_idle(page)
     stopped_at = int(page.inner_text("#stats").split("generation: ")[1].split(" tokens")[0])
     assert 1 <= stopped_at < 4000 and _last_bot_text(page).strip()
 
-    # a model that can't be loaded is a message; the loaded one stays
-    page.fill("#model-picker input", "/nonexistent/model")
+    # a path typed into the picker is refused; the loaded model stays
+    page.fill("#model-picker input", str(moe_chat))
     page.press("#model-picker input", "Enter")
     page.click("#load-model")
-    page.wait_for_selector("text=could not load /nonexistent/model", timeout=30000)
+    page.wait_for_selector("text=this server offers only these models", timeout=30000)
     assert "vision encoder · audio encoder" in page.inner_text("#model-status")
 
     # switch to the MoE model with the picker; its reply comes with the expert plot
-    page.fill("#model-picker input", str(moe_chat))
+    page.fill("#model-picker input", moe_chat.name)
     page.press("#model-picker input", "Enter")
     page.click("#load-model")
     page.wait_for_function("() => document.querySelector('#model-status').innerText.includes('MoE: top-8')",

@@ -136,8 +136,11 @@ def test_convert_errors(chat_checkpoint, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not empty"):
         convert(src, tmp_path / "taken", bits=4)
     with pytest.raises(SystemExit):
-        cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--bits", "3"])
+        cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--bits", "7"])
     assert "invalid choice" in capsys.readouterr().err
+    assert cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--mode", "mxfp4",
+                             "--group-size", "64"]) == 1
+    assert "error: mxfp4 quantization takes group size 32, got 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--recipe", "mixed"])
     assert "--recipe, --calibration and --target-bpw need --bits" in capsys.readouterr().err
@@ -145,7 +148,7 @@ def test_convert_errors(chat_checkpoint, tmp_path, capsys):
     assert "no checkpoint directory" in capsys.readouterr().err
     assert cli.convert_main(["--model", str(src), "--out", str(tmp_path / "ok"), "--bits", "4",
                              "--recipe", "mixed"]) == 0
-    assert "4-bit mixed" in capsys.readouterr().err
+    assert "affine 4-bit, group 64, mixed recipe" in capsys.readouterr().err
     with pytest.raises(ValueError, match="already quantized"):
         load(tmp_path / "ok", quantize=4)
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_gemma4.generate import generate, stream_generate
-from mlx_gemma4.session import ChatSession
+from mlx_gemma4.session import ChatSession, user_message
 from mlx_gemma4.loading import load
 from mlx_gemma4.processing import Processor
 
@@ -121,7 +121,7 @@ def test_chat_session_reuses_cache_and_matches_fresh_prefill(e2b):
     first = list(session.send(PROMPT, max_tokens=6, stop_token_ids=[]))
     cached = len(session.cache.tokens)
     assert cached == first[-1].stats.prompt_tokens + 5  # the 6th token is not fed yet
-    turn_ids = session._turn_ids("and the world?")
+    turn_ids = session._turn_inputs(user_message("and the world?"))[0]
     assert turn_ids[:cached] == session.cache.tokens
     second = list(session.send("and the world?", max_tokens=6, stop_token_ids=[]))
     assert second[-1].stats.cached_tokens == cached
@@ -148,11 +148,11 @@ def test_chat_session_after_stop_token_closes_turn_once(e2b):
             return mx.where(mx.arange(logits.shape[-1]) == 106, 100.0, -100.0)[None]
         return logits
 
-    start = [len(session._turn_ids(PROMPT))]
+    start = [len(session._turn_inputs(user_message(PROMPT))[0])]
     first = list(session.send(PROMPT, max_tokens=20, logits_processors=[end_turn_at_3]))
     assert first[-1].stats.finish_reason == "stop" and session.cache.tokens[-1] == 106  # fed, not printed
     cached = len(session.cache.tokens)
-    ids = session._turn_ids("next")
+    ids = session._turn_inputs(user_message("next"))[0]
     expected = "<turn|>\n<|turn>user\nnext<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
     assert processor.decode(ids[cached - 1:]) == expected
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_generate_cli_with_audio_file(audio_chat_checkpoint, tmp_path):
     assert bad.returncode == 1 and "no such file" in bad.stderr
 
 
-def test_generate_cli_audio_errors(audio_chat_checkpoint, tmp_path, capsys):
+def test_generate_cli_audio_errors(audio_chat_checkpoint, tmp_path, capsys, monkeypatch):
     from mlx_gemma4 import cli as gen_cli
 
     junk = tmp_path / "junk.wav"
@@ -114,8 +115,11 @@ def test_generate_cli_audio_errors(audio_chat_checkpoint, tmp_path, capsys):
     assert gen_cli.main([*base, "--audio", str(junk)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "junk.wav" in err and "Traceback" not in err
-    assert gen_cli.main([*base, "--audio", str(junk), "--chat"]) == 1
-    assert "--image/--audio work with a single --prompt" in capsys.readouterr().err
+    # in --chat the bad clip fails its turn only: reported, and the conversation goes on
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert gen_cli.main([*base, "--audio", str(junk), "--chat"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "junk.wav" in err and "the conversation is kept" in err
 
 
 def picture(seed: int, height: int = 64, width: int = 80) -> np.ndarray:

@@ -89,6 +89,15 @@ def image_inputs(seed: int = 0):
     return mx.array(features.pixel_values), mx.array(features.position_ids)
 
 
+def audio_inputs(seed: int = 0):
+    """(features, mask) of one second of random sound, as our audio feature extractor makes them."""
+    from mlx_gemma4.processing.audio import AudioFeatureExtractor
+
+    clip = 0.1 * np.random.default_rng(seed).standard_normal(16000).astype(np.float32)
+    features = AudioFeatureExtractor()([clip])
+    return mx.array(features.features), mx.array(features.mask)
+
+
 def rel_error(a, b) -> float:
     a, b = np.array(a, np.float64), np.array(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -166,15 +175,17 @@ def test_bf16_conversion_equals_the_original_within_bf16_rounding(converted, sou
     ids = mx.array([PROMPT])
     assert rel_error(ours(ids), rounded(ids)) < 1e-5  # the only difference is the rounding of stored values
     assert rel_error(ours(ids), original(ids)) > 1e-4  # and that rounding is there
-    if towers:  # the towers too: the same image through our load of both checkpoints
+    if towers:  # the towers too (the audio convolutions are channels-last on disk): the same image and sound
         pixels, positions = image_inputs()
         np.testing.assert_allclose(np.array(ours.image_features(pixels, positions)),
                                    np.array(rounded.image_features(pixels, positions)), rtol=1e-4, atol=1e-5)
+        features, mask = audio_inputs()
+        assert rel_error(ours.audio_features(features, mask), rounded.audio_features(features, mask)) < 1e-5
 
 
 def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
     """mlx-lm keeps audio_config (and mlx-vlm's text-only loads keep vision_config) without tower weights: the
-    model has no towers, and an image gets the same error as from a text-only Hugging Face checkpoint."""
+    model has no towers, and an image or a sound gets the same error as from a text-only Hugging Face checkpoint."""
     from PIL import Image
 
     from mlx_gemma4.generate import generate
@@ -186,17 +197,21 @@ def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
     hf_text = shutil.copytree(text_checkpoint("e2b", wrapper="conditional"), path.parent / "hf-text")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(path / name, hf_text / name)
-    errors = []
-    for m, p in (load(path), load(hf_text)):
-        with pytest.raises(ValueError) as e:
-            generate(m, p, "What is this?", images=[Image.new("RGB", (64, 64))], max_tokens=2)
-        errors.append(str(e.value))
-    assert errors[0] == errors[1] and "no vision tower" in errors[0]
+    media = {"images": [Image.new("RGB", (64, 64))], "audio": [np.zeros(16000, np.float32)]}
+    for kind, tower in (("images", "no vision tower"), ("audio", "no audio tower")):
+        errors = []
+        for m, p in (load(path), load(hf_text)):
+            with pytest.raises(ValueError) as e:
+                generate(m, p, "What is this?", max_tokens=2, **{kind: media[kind]})
+            errors.append(str(e.value))
+        assert errors[0] == errors[1] and tower in errors[0], errors
 
 
-def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, tmp_path):
+def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, converted, tmp_path):
     """convert --format mlx-vlm (E2B-like with both towers, 4-bit): mlx-vlm loads it and computes our logits,
-    and its towers give our soft tokens for the same image."""
+    its vision tower gives our soft tokens for the same image, and its audio tower computes on our file what it
+    computes on its own conversion of the same source (mlx-vlm's audio tower itself differs from transformers'
+    and ours by ~2.5% on these random weights, so it is compared with itself)."""
     out = convert(sources("e2b", True), tmp_path / "ours-vlm", bits=4, group_size=32, dtype="float32")
     ours, _ = load(out)
     peer = PeerModel("mlx-vlm", out)
@@ -204,6 +219,10 @@ def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, tmp_path):
     pixels, positions = image_inputs(1)
     theirs = peer.model.embed_vision(peer.model.vision_tower(pixels, positions))
     assert rel_error(ours.image_features(pixels, positions), theirs.reshape(-1, theirs.shape[-1])) < 1e-4
+    features, mask = audio_inputs(1)
+    own_conversion = PeerModel("mlx-vlm", converted("mlx-vlm-e2b-4bit-g32")[1])
+    on_ours, on_theirs = (p.model.audio_tower(features, ~mask)[0] for p in (peer, own_conversion))
+    assert rel_error(on_ours, on_theirs) < 1e-6
 
 
 def test_our_mlx_lm_format_loads_in_mlx_lm(sources, tmp_path):
@@ -223,6 +242,45 @@ def test_our_mlx_lm_format_loads_in_mlx_lm(sources, tmp_path):
                   fmt="mlx-lm")
     assert json.loads((out / "config.json").read_text())["model_type"] == "gemma4"
     assert_same_as_peer(load(out)[0], PeerModel("mlx-lm", out))
+
+
+# Our convert in every MLX mode (affine 4 and 8 bits: above and tests/test_convert.py): (source, format, options).
+OUR_MODES = {
+    "mxfp4-mixed": (("26b", False), "mlx-lm", dict(mode="mxfp4", recipe="mixed")),
+    "nvfp4": (("26b", False), "mlx-lm", dict(mode="nvfp4")),
+    "mxfp8": (("31b", False), "mlx-lm", dict(mode="mxfp8")),
+    "affine-2bit-g32": (("26b", False), "mlx-lm", dict(bits=2, group_size=32)),
+    "affine-3bit-g64": (("31b", False), "mlx-lm", dict(bits=3, group_size=64)),
+    "affine-6bit-g32": (("26b", False), "mlx-lm", dict(bits=6, group_size=32)),
+    "mxfp4-towers": (("e2b", True), "mlx-vlm", dict(mode="mxfp4")),
+}
+
+
+@pytest.mark.parametrize("name", list(OUR_MODES))
+def test_our_convert_in_every_mode_loads_in_the_peers(sources, tmp_path, name):
+    """convert(mode=..., bits=...) writes what the peer library loads and runs with our logits; the config's
+    global setting is the mode asked for; converting equals quantizing at load time."""
+    source, fmt, options = OUR_MODES[name]
+    out = convert(sources(*source), tmp_path / name, dtype="float32", fmt=fmt, **options)
+    entry = json.loads((out / "config.json").read_text())["quantization"]
+    mode = options.get("mode", "affine")
+    assert entry["mode"] == mode and entry["bits"] == options.get("bits", entry["bits"])
+    ours, _ = load(out)
+    modes = {m.mode for _, m in ours.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    assert mode in modes
+    experts = [m for _, m in ours.named_modules() if isinstance(m, QuantizedExperts)]
+    assert all(m.quantization["gate_up_proj"].mode == mode for m in experts)
+    if options.get("recipe") == "mixed":  # the sensitive tensors at affine 8 bits
+        router = ours.language_model.layers[0].router.proj
+        assert (router.mode, router.bits) == ("affine", 8)
+    assert_same_as_peer(ours, PeerModel(fmt, out))
+    bits, group_size = options.get("bits"), options.get("group_size", 64)
+    if mode != "affine":
+        bits, group_size = entry["bits"], entry["group_size"]
+    on_load, _ = load(sources(*source), dtype="float32", quantize=bits, group_size=group_size,
+                      recipe=options.get("recipe", "uniform"), quantize_mode=mode)
+    ids = mx.array([PROMPT])
+    assert mx.array_equal(on_load(ids), ours(ids))
 
 
 def test_converting_a_conversion_keeps_its_quantization(converted, tmp_path):
@@ -330,6 +388,23 @@ def test_gate_and_up_banks_stored_differently(converted, tmp_path):
     weights[key] = weights[key][..., :-1]
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     with pytest.raises(CheckpointError, match="layers.2.experts.switch_glu: gate_proj and up_proj weight must be"):
+        load(path)
+
+
+@pytest.mark.parametrize("tensor,message", [
+    ("layers.1.self_attn.q_proj.scales", r"layers.1.self_attn.q_proj: packed uint32 weight \(64, 16\) stored without "
+                                         "its scales"),
+    ("layers.1.experts.switch_glu.down_proj.scales", r"layers.1.experts.down_proj: packed uint32 weight \(16, 64, 8\) stored "
+                                                     "without its scales"),
+    ("layers.1.self_attn.q_proj.weight", "layers.1.self_attn.q_proj: scales .* stored with a packed weight that is "
+                                         "missing"),
+])
+def test_a_missing_quantization_tensor(converted, tmp_path, tensor, message):
+    path = _copy(converted, "mlx-lm-26b-8bit-g32", tmp_path)
+    weights = mx.load(str(path / "model.safetensors"))
+    del weights[f"language_model.model.{tensor}"]
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    with pytest.raises(CheckpointError, match=message):
         load(path)
 
 

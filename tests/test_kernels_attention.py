@@ -227,30 +227,33 @@ def test_race_check_catches_a_missing_barrier(metal_emulator):
     np.testing.assert_allclose(f64(out), reference(f64(q), f64(k), f64(v), 0.2, 63, 0, None, None), atol=1e-5)
 
 
-def test_cache_views_reach_the_kernel_without_a_copy(metal_emulator):
-    """The growing cache hands out the filled part of its buffer, a strided view: it reaches the kernel as it is
-    (ensure_row_contiguous=False, so MLX does not copy K and V before every step) and the kernel reads it through
-    its strides: only the visible keys' bytes."""
+@pytest.mark.parametrize("window", [None, 8], ids=["growing", "sliding"])
+def test_cache_views_reach_the_kernel_without_a_copy(window, metal_emulator):
+    """The caches hand out the attended part of their buffer, a strided view (the growing cache: its filled
+    part; the sliding one: the window's keys, starting inside its buffer): it reaches the kernel as it is
+    (ensure_row_contiguous=False, so MLX does not copy K and V before every step) and the kernel reads it
+    through its strides: only the visible keys' bytes."""
     from msim import counters
 
-    from mlx_gemma4.cache import KVCache
+    from mlx_gemma4.cache import KVCache, RotatingKVCache
 
     rng = np.random.default_rng(4)
     B, Hq, Hkv, D, S = 1, 4, 2, 32, 30
-    cache = KVCache()
+    cache = KVCache() if window is None else RotatingKVCache(window)
     _, k0, v0 = make_qkv(rng, B, Hq, Hkv, 1, S - 1, D, mx.float32)
     cache.update(k0, v0)
     q, k1, v1 = make_qkv(rng, B, Hq, Hkv, 1, 1, D, mx.float32)
     keys, values, k_start = cache.update(k1, v1)
     capacity = cache.keys.shape[2]
-    assert keys.shape[2] == S < capacity
+    visible = S if window is None else window
+    assert keys.shape[2] == visible < capacity and k_start == S - visible
     assert all(spec.ensure_row_contiguous is False for spec in (da.PASS1_SINGLE, da.PASS1_SPLIT))
-    kw = dict(scale=D**-0.5, q_start=S - 1, k_start=k_start, window=None)
+    kw = dict(scale=D**-0.5, q_start=S - 1, k_start=k_start, window=window)
     with metal_emulator(check_order=False), counters.record() as launches:
         out = windowed_attention(q, keys, values, **kw)
     (launch,) = launches
     for name in ("k", "v"):
         shape, strides = launch.inputs[name]
-        assert shape == (B, Hkv, S, D) and strides == (Hkv * capacity * D, capacity * D, D, 1), name
-        assert launch.buffers[name][0] == Hkv * S * D * 4  # the visible keys once, not the buffer
+        assert shape == (B, Hkv, visible, D) and strides == (Hkv * capacity * D, capacity * D, D, 1), name
+        assert launch.buffers[name][0] == Hkv * visible * D * 4  # the visible keys once, not the buffer
     _check_against_float64(q, keys, values, out, kw, None, TOLERANCE[mx.float32])

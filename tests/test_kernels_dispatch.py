@@ -308,6 +308,22 @@ def test_verdicts_are_cached_per_environment_and_kernel_source(tmp_path, monkeyp
     assert klass.key in json.loads((tmp_path / verdicts.CACHE_FILE).read_text())["verdicts"]
 
 
+def test_verdicts_live_in_the_user_cache_dir(tmp_path, monkeypatch):
+    """~/Library/Caches/mlx-gemma4 on macOS; $XDG_CACHE_HOME/mlx-gemma4, else ~/.cache/mlx-gemma4, elsewhere."""
+    from pathlib import Path
+
+    from mlx_gemma4.kernels import verdicts
+
+    monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
+    monkeypatch.setattr(verdicts.sys, "platform", "darwin")
+    assert verdicts.VerdictStore("gpu").path == tmp_path / "home/Library/Caches/mlx-gemma4" / verdicts.CACHE_FILE
+    monkeypatch.setattr(verdicts.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert verdicts.default_cache_dir() == tmp_path / "xdg/mlx-gemma4"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert verdicts.default_cache_dir() == tmp_path / "home/.cache/mlx-gemma4"
+
+
 def test_forcing_metal_skips_the_self_check(verdict_dir):
     q = mx.zeros((1, 2, 1, 32))
     kv = mx.zeros((1, 1, 5, 32))

@@ -4,9 +4,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
@@ -75,6 +79,33 @@ def test_mlx_lm_prompt_cache_helpers(loaded, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_mlx_lm_generate_step_on_mlx_lm_caches(loaded, variant):
+    """mlx-lm's generate_step on a list of mlx-lm's own cache classes (not ours): prefill in chunks shorter than
+    the window and longer than it, so its ring buffers wrap both ways (the model's mask path), then decode."""
+    model, processor, _ = loaded(variant)
+    ids = prompt(processor, 3)
+    window = model.config.text.sliding_window
+    want = ours(model, processor, ids)
+    for step in (window // 2 + 1, 2 * window + 3):
+        caches = [mlx_cache.RotatingKVCache(max_size=c.window) if isinstance(c, RotatingKVCache)
+                  else mlx_cache.KVCache() for c in model.make_cache()]
+        got = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=N, prompt_cache=caches,
+                                                prefill_step_size=step)]
+        assert got == want
+        assert {c.offset for c in caches} == {len(ids) + N}  # the prompt and every yielded token
+
+
+def test_mlx_lm_kv_bits_is_refused_not_ignored(loaded):
+    """generate_step(kv_bits=) quantizes the caches that offer `to_quantized` and silently skips the others:
+    ours offer it and refuse (mlx-lm's own rotating cache raises NotImplementedError there)."""
+    model, processor, _ = loaded("e2b")
+    steps = generate_step(mx.array(prompt(processor)), model, max_tokens=2, prompt_cache=model.make_cache(),
+                          kv_bits=4, quantized_kv_start=0, prefill_step_size=4)
+    with pytest.raises(ValueError, match="kv_bits"):
+        list(steps)
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
 def test_mlx_lm_batch_generator_gives_each_prompt_its_tokens(loaded, variant):
     """mlx-lm's continuous batching: prompts of different lengths prefilled together (right padding, its batch
     caches) and decoded together, with a late arrival."""
@@ -109,3 +140,20 @@ def test_mlx_lm_speculative_decoding_rolls_back_our_caches_past_the_window(loade
     spec = [r.token for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=N, draft_model=drafter,
                                                     num_draft_tokens=3)]
     assert spec == ours(model, processor, ids)
+
+
+def test_readme_mlx_lm_and_batch_examples_run_as_written(chat_checkpoint, tmp_path, monkeypatch):
+    """The README's mlx-lm and BatchEngine blocks, run as written after its first Python block's `load`; the
+    checkpoint directory they name is the tiny e2b chat checkpoint."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    mlx_lm_block = next(b for b in blocks if "mlx_lm.stream_generate" in b)
+    batch_block = next(b for b in blocks if "BatchEngine(" in b)
+    (tmp_path / "gemma-4-E2B-it").symlink_to(chat_checkpoint("e2b"))
+    monkeypatch.chdir(tmp_path)
+    scope = {"load": load}
+    exec(compile(mlx_lm_block, "README.md", "exec"), scope)
+    assert scope["response"].finish_reason in ("stop", "length")
+    scope["processor"] = load(tmp_path / "gemma-4-E2B-it")[1]
+    exec(compile(batch_block, "README.md", "exec"), scope)
+    assert [r.finish_reason in ("stop", "length") and len(r.tokens) >= 1 for r in scope["requests"]] == [True] * 2

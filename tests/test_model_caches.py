@@ -100,6 +100,13 @@ def test_image_prompts_need_our_caches(text_model):
         m(mx.array([[5, 6, 7]]), cache=cache, block_ids=mx.array([-1, 0, 0], dtype=mx.int32))
 
 
+def test_quantized_mlx_lm_caches_are_refused(text_model):
+    m = text_model("e2b")
+    cache = [mlx_cache.QuantizedKVCache() for _ in m.make_cache()]
+    with pytest.raises(ValueError, match="kv_bits"):
+        m(mx.array([[5, 6, 7]]), cache=cache)
+
+
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
 def test_decode_after_rollback_equals_a_full_forward(text_model, variant):
     """A speculative-decoding pattern: verify k+1 drafted tokens in one forward, roll back the rejected ones,

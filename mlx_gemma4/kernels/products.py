@@ -43,7 +43,21 @@ def quant_params_problem(group_size, bits, mode) -> str | None:
     if group_size not in allowed["group_sizes"]:
         sizes = " or ".join(map(str, allowed["group_sizes"]))
         return f"{mode} quantization takes group size {sizes}, got {group_size!r}"
+    if not mlx_runs_mode(mode):
+        return f"{mode} quantization is not supported by the installed MLX {mx.__version__} (upgrade mlx)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def mlx_runs_mode(mode: str) -> bool:
+    """Whether the installed MLX quantizes in `mode` (the floating-point modes came after affine). MLX checks the
+    mode when the operation is built: nothing is evaluated, so this is safe inside a compiled function."""
+    settings = QUANT_MODES[mode]
+    try:
+        mx.quantize(mx.ones((4, 128)), group_size=settings["group_sizes"][0], bits=settings["bits"][0], mode=mode)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 _UNSET = object()
 # an explicit use_unpack_rows() block, then the running model's policy, then default_unpack_min_rows()
@@ -100,6 +114,14 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
     other modes). Same values as `mx.dequantize`; affine with 2/4/8 bits runs ~2.5x faster on the CPU backend."""
     if mode != "affine" or 32 % bits:
         dtype = dtype or (scales.dtype if mode == "affine" else mx.float32)
+        if mode == "nvfp4" and scales.size % 2:
+            # MLX 0.32's CPU nvfp4 dequantize fails to reshape an odd number of scales (e.g. a few gathered
+            # embedding rows of 5 groups): dequantize with one zero row more and drop it
+            rows, scale_rows = w.reshape(-1, w.shape[-1]), scales.reshape(-1, scales.shape[-1])
+            rows = mx.concatenate([rows, mx.zeros_like(rows[:1])])
+            scale_rows = mx.concatenate([scale_rows, mx.zeros_like(scale_rows[:1])])
+            out = mx.dequantize(rows, scale_rows, None, group_size=group_size, bits=bits, mode=mode, dtype=dtype)
+            return out[:-1].reshape(*w.shape[:-1], -1)
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype)
     out = _unpacker(bits, group_size)(w, scales, biases)
     return out if dtype is None else out.astype(dtype)

@@ -9,6 +9,7 @@ from typing import Any
 import mlx.nn as nn
 
 from ..compact import use_products
+from ..kernels.products import quant_params_problem
 from ..model import is_tower_param
 
 # Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
@@ -17,22 +18,27 @@ MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_project
               "per_layer_input_gate", "per_layer_projection")
 
 
-def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform") -> dict[str, Any]:
-    """The `quantization` config entry for a model: defaults plus per-module overrides."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform",
+                      mode: str = "affine") -> dict[str, Any]:
+    """The `quantization` config entry for a model: defaults plus per-module overrides.
+
+    mode: any of MLX's modes (kernels.products.QUANT_MODES: affine 2-8 bits, mxfp4, mxfp8, nvfp4). The `mixed`
+    recipe keeps its sensitive tensors at affine 8 bits (group size 64 under the fp modes, whose groups are
+    fixed): finer than mxfp8, whose scales are powers of two."""
+    if problem := quant_params_problem(group_size, bits, mode):
+        raise ValueError(problem)
     if recipe not in ("uniform", "mixed"):
         raise ValueError(f"recipe must be 'uniform' or 'mixed', got {recipe!r}")
-    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "recipe": recipe}
+    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": mode, "recipe": recipe}
+    eight_bits = {"group_size": group_size if mode == "affine" else 64, "bits": 8}  # no mode: affine
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
             continue
-        if not _quantizable(module, group_size):
+        rule = eight_bits if recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT) else None
+        if not _quantizable(module, (rule or plan)["group_size"]):
             plan[path] = False
-        elif recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT):
-            plan[path] = {"group_size": group_size, "bits": 8}
+        elif rule:
+            plan[path] = rule
     return plan
 
 

@@ -88,15 +88,18 @@ def as_recipe(recipe: str | Recipe) -> Recipe:
 
 
 def quantize(model: nn.Module, bits: int, group_size: int = 64, recipe: str | Recipe = "uniform",
-             processor=None) -> dict[str, Any]:
+             processor=None, mode: str = "affine") -> dict[str, Any]:
     """Quantize a loaded float model in place; returns the `quantization` config entry (the plan).
 
     processor: tokenizes the calibration text (without one, calibrated recipes fall back to unweighted fits;
-    awq/dynamic raise)."""
+    awq/dynamic raise). mode: MLX's quantization mode; the fp modes (mxfp4, mxfp8, nvfp4) are MLX's own
+    quantization (only the affine tensors a mixed recipe keeps at 8 bits are fitted, unweighted)."""
     r = as_recipe(recipe)
-    plan = quantization_plan(model, bits, group_size, "uniform" if r.allocation == "uniform" else "mixed")
+    if mode != "affine" and (r.awq or r.allocation == "dynamic"):
+        raise ValueError(f"the {r.name} recipe fits affine scales: it needs mode='affine', got {mode!r}")
+    plan = quantization_plan(model, bits, group_size, "uniform" if r.allocation == "uniform" else "mixed", mode)
     plan["recipe"] = r.name
-    if not r.calibrated or bits >= 8 and r.allocation != "dynamic":
+    if not r.calibrated or mode != "affine" or bits >= 8 and r.allocation != "dynamic":
         quantize_model(model, plan, None, r.method, tied_head="lm_head" not in model)
         return plan
     if processor is None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+
 from .text import MM_TOKEN_IDS, _to_published_spelling, make_text_checkpoint
 from .tokenizer import make_tokenizer
 from .vision import make_multimodal_checkpoint
@@ -51,12 +54,16 @@ def convert_with(library: str, src: Path, out: Path, *, bits: int | None = None,
     return out
 
 
+class _Float32RowsEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, x):
+        return super().__call__(x).astype(mx.float32)
+
+
 class PeerModel:
     """The converting library's own model on a checkpoint, computing in float32: `logits(ids, cache)` and
     `make_cache()` (their caches)."""
 
     def __init__(self, library: str, path: Path):
-        import mlx.core as mx
         from mlx.utils import tree_map
 
         if library == "mlx-lm":
@@ -69,9 +76,13 @@ class PeerModel:
 
             self.model = load_model(Path(path))
             self._call = lambda ids, cache: self.model(ids, cache=cache).logits
-        # float32 compute: bf16 conversions are upcast (quantized weights keep their packed values)
+        # float32 compute: bf16 conversions are upcast (quantized weights keep their packed values), and quantized
+        # embeddings return float32 rows (MLX dequantizes the fp modes to bfloat16 by default)
         self.model.update(tree_map(lambda x: x.astype(mx.float32) if x.dtype in (mx.bfloat16, mx.float16) else x,
                                    self.model.parameters()))
+        for _, module in self.model.named_modules():
+            if type(module) is nn.QuantizedEmbedding:
+                module.__class__ = _Float32RowsEmbedding
 
     def make_cache(self):
         return self.model.make_cache()
