@@ -75,7 +75,9 @@ def create_app(generator: Generator, *, api_key: str | None = None, max_body_byt
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(request.url.path, APIError(500, f"internal error: {type(error).__name__}: {error}"))
+        # the client learns the kind of failure, not the server's internals (paths, values): those go to the log
+        return error_response(request.url.path, APIError(500, f"internal error ({type(error).__name__}); the "
+                                                              "server's log has the details"))
 
     def authorize(request: Request) -> None:
         if api_key is None:
