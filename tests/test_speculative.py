@@ -148,6 +148,21 @@ def test_drafts_from_our_caches_equal_transformers(pair, paths):
         assert [int(d.item()) for d in drafts] == [int(np.argmax(x)) for x in theirs], kind
 
 
+def test_greedy_equals_transformers_assisted_generate(pair, paths):
+    """transformers' generate(assistant_model=...) with the same drafter (its MTP candidate generator, 4 tokens a
+    round) on the E2B-like pair (KV-shared target layers, centroid head): the same 24 tokens as ours."""
+    import torch
+    from test_drafter import load_hf_target
+
+    target, drafter = pair("e2b")
+    hf_drafter = family.load_hf_assistant(paths("e2b")[1])
+    hf_drafter.generation_config.num_assistant_tokens = 4
+    hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    out = load_hf_target(paths("e2b")[0]).generate(torch.tensor([PROMPT]), assistant_model=hf_drafter,
+                                                   max_new_tokens=24, do_sample=False)
+    assert speculative(target, drafter, 4, max_tokens=24)[0] == out[0, len(PROMPT):].tolist()
+
+
 # ---- sampling ----------------------------------------------------------------------------------------------
 
 def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
