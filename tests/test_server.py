@@ -565,3 +565,39 @@ def test_moe_server_equals_generate(chat_checkpoint):
             expected[1]
     finally:
         server.stop()
+
+
+# -- --draft-model (speculative decoding) -------------------------------------------------------------------------
+def test_draft_model_server_equals_generate(chat_checkpoint, tmp_path):
+    """With a drafter the same APIs answer what generate() without one does (greedy: the same tokens), streamed
+    and not, through both clients; two concurrent clients queue; a conversation's next turn reuses its prefix;
+    log-probabilities are a 400 naming the field."""
+    from checkpoints import family
+
+    server = start_server(chat_checkpoint("26b"), family.make_assistant_checkpoint(tmp_path / "d", "26b"))
+    try:
+        assert type(server.generator.engine).__name__ == "DraftEngine"
+        prompts = [HELLO, [{"role": "user", "content": "Name three colors, please."}]]
+        expected = [parse_output(reference(server, p, max_tokens=20)).content for p in prompts]
+        results = [None, None]
+
+        def ask(i):
+            results[i] = stream_chat(server, prompts[i], max_tokens=20)[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == expected
+        assert chat(server, HELLO, max_tokens=20).choices[0].message.content == expected[0]
+        assert server.anthropic().messages.create(model="tiny", max_tokens=20, messages=prompts[1]).content[0].text \
+            == expected[1]
+        follow = [*HELLO, {"role": "assistant", "content": expected[0]}, {"role": "user", "content": "And then?"}]
+        reply = chat(server, follow, max_tokens=20)
+        assert reply.choices[0].message.content == parse_output(reference(server, follow, max_tokens=20)).content
+        assert reply.usage.prompt_tokens_details.cached_tokens > 10
+        response = raw(server, "/v1/chat/completions", body={"messages": HELLO, "logprobs": True})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+    finally:
+        server.stop()
