@@ -8,6 +8,11 @@ Each request: key check, then the body (refused past `max_body_bytes` before it 
 (400 naming the field), the prompt built in a worker thread (media decoding, remote fetches), its length
 checked against the context, and only then prefill. A streamed reply starts once the first token is there, so
 every failure up to that point is a proper HTTP error; a client that goes away cancels its generation.
+
+mlx-lm's server (`mlx_lm.server`) is not the base: its handler renders prompts with the tokenizer's template and
+no media, parses tool calls with a per-model parser that misreads Gemma 4's argument syntax, and sends text as it
+is decoded (thought channels and call markup included). What fits is used: its BatchGenerator (through
+mlx_gemma4.batch), LRUPromptCache (generation.py) and additive penalties (sample_utils).
 """
 
 from __future__ import annotations
