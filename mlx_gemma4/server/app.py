@@ -9,10 +9,11 @@ Each request: key check, then the body (refused past `max_body_bytes` before it 
 checked against the context, and only then prefill. A streamed reply starts once the first token is there, so
 every failure up to that point is a proper HTTP error; a client that goes away cancels its generation.
 
-mlx-lm's server (`mlx_lm.server`) is not the base: its handler renders prompts with the tokenizer's template and
-no media, parses tool calls with a per-model parser that misreads Gemma 4's argument syntax, and sends text as it
-is decoded (thought channels and call markup included). What fits is used: its BatchGenerator (through
-mlx_gemma4.batch), LRUPromptCache (generation.py) and additive penalties (sample_utils).
+mlx-lm's server (`mlx_lm.server`) is not the base: its prompts come from the tokenizer's chat template without
+our processor (no audio, no image expansion or bidirectional image prefill), and its Gemma 4 tool parser fails
+on valid calls ours reads (whitespace around a key, `call:f{ a:<|"|>x<|"|> , b:2 }`, is a JSONDecodeError
+there). What fits is used: its BatchGenerator (through mlx_gemma4.batch), LRUPromptCache (generation.py) and
+additive penalties (sample_utils).
 """
 
 from __future__ import annotations
