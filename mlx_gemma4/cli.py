@@ -491,6 +491,9 @@ def build_server_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16")
     p.add_argument("--weights-dtype", default=None, help="storage dtype of float weights (as in mlx-gemma4)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--draft-model", default=None,
+                   help="an MTP drafter of --model: speculative decoding (requests then run one at a time)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens drafted per target step")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _add_verbose(p)
     return p
@@ -508,7 +511,12 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         from .server import serve
 
         model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
-        serve(model, processor, host=args.host, port=args.port, api_key=args.api_key or None,
+        drafter = None
+        if args.draft_model:
+            from .drafter import load_drafter
+
+            drafter = load_drafter(args.draft_model, model)
+        serve(model, processor, draft_model=drafter, num_draft_tokens=args.num_draft_tokens, host=args.host, port=args.port, api_key=args.api_key or None,
               max_body_bytes=int(args.max_body_mb * 2**20), log_level=args.log_level,
               model_id=args.served_model_name or str(args.model), max_concurrency=args.max_concurrency,
               max_tokens=args.max_tokens, enable_thinking=args.thinking,
