@@ -1,24 +1,23 @@
-"""Quantization time at the 26B A4B's real dimensions (synthetic weights): is the fitted quantizer practical there?
+"""Quantization time at a published model's real dimensions (random weights): is the fitted quantizer practical
+for the 26B A4B?
 
-    flock /tmp/heavy.lock python benchmarks/quant_time.py [--layers 2] [--recipes minmax,uniform,mixed,awq]
+    python benchmarks/quant_time.py [--variant 26b-a4b] [--bits 4] [--group-size 64] [--json out.json]
 
-Two measurements, MLX's own min/max quantization (`mx.quantize`, what mlx-lm's convert does) side by side:
-  * the token embedding (262144 x 2816, bf16), quantized alone at 4 and 8 bits;
-  * a synthetic 26B A4B checkpoint cut to --layers decoder layers (published dimensions: 128 experts of 704, the
-    sliding and full attention shapes; vocabulary cut to 16384 so the table does not dominate) quantized by
-    `mlx_gemma4.quant.quantize` with each recipe, calibration included (the shipped text tokenized by the demo
-    model's Gemma tokenizer, ids folded into the cut vocabulary).
-The full model's estimate is 30 x (seconds per layer) + the embedding at the recipe's embedding bits. Weights are
-bf16, computed on this machine's CPU.
+Every quantizable text-decoder matrix of the variant (the module tree is built lazily: nothing of the model is
+allocated), grouped by shape; one matrix of each shape (bf16, N(0, 0.02)) is quantized by MLX's min/max
+`mx.quantize` (what mlx-lm's convert does) and by `mlx_gemma4.quant.affine.quantize`, unweighted and weighted by a
+random per-column importance (what calibrated recipes pass); the full model's time is the sum over shapes of
+count x seconds. Not included: the calibration forward pass of calibrated recipes (one pass over 2048 tokens)
+and AWQ's scale search.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import sys
-import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,93 +27,53 @@ import mlx_gemma4  # noqa: E402,F401  (preloads the optimized BLAS before mlx.co
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_gemma4.loading import load_model  # noqa: E402
-from mlx_gemma4.memory import load_preset  # noqa: E402
-from mlx_gemma4.quant import Recipe, affine, quantize  # noqa: E402
-from mlx_gemma4.runtime import RuntimePolicy  # noqa: E402
-from mlx_gemma4.synth import shrink_config, write_checkpoint  # noqa: E402
-
-FULL_LAYERS = 30
-EMBEDDING = (262144, 2816)
-VOCAB = 16384
-RECIPES = {
-    "minmax": Recipe("uniform", method="minmax"),
-    "uniform-unweighted": Recipe("uniform", calibration=False),
-    "uniform": Recipe("uniform"),
-    "mixed": Recipe("mixed"),
-    "awq": Recipe("mixed", awq=True),
-    "dynamic": Recipe("dynamic"),
-}
-EMBEDDING_BITS = {"minmax": 4, "uniform-unweighted": 4, "uniform": 4, "mixed": 8, "awq": 8, "dynamic": 8}
+from mlx_gemma4.memory import is_quantizable, load_preset, text_param_specs  # noqa: E402
+from mlx_gemma4.quant import affine  # noqa: E402
 
 
-class FoldedProcessor:
-    """The demo tokenizer with ids folded into a cut vocabulary (timing only: the text's meaning is lost)."""
-
-    def __init__(self, processor, vocab: int):
-        self.processor, self.vocab = processor, vocab
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return [t % self.vocab for t in self.processor.encode(text, add_bos=add_bos)]
-
-
-def demo_processor():
-    from mlx_gemma4.gguf import demo_model_path, gguf_processor, gguf_tokenizer, open_gguf
-
-    gf = open_gguf(demo_model_path())
-    return gguf_processor(gf, gguf_tokenizer(gf))
-
-
-def time_embedding(bits: int) -> tuple[float, float]:
-    """(min/max seconds, fitted seconds) for the full token embedding at `bits`."""
-    w = (0.02 * mx.random.normal(EMBEDDING, key=mx.random.key(0))).astype(mx.bfloat16)
-    mx.eval(w)
+def timed(fn) -> float:
     t = time.perf_counter()
-    mx.eval(mx.quantize(w, group_size=64, bits=bits))
-    minmax = time.perf_counter() - t
-    t = time.perf_counter()
-    mx.eval(affine.quantize(w, 64, bits))
-    fitted = time.perf_counter() - t
-    return minmax, fitted
+    mx.eval(fn())
+    return time.perf_counter() - t
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--variant", default="26b-a4b")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.recipes.split(",")]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        p.error(f"unknown recipes {unknown} (known: {', '.join(RECIPES)})")
+    gs, bits = args.group_size, args.bits
 
-    embedding = {bits: time_embedding(bits) for bits in (4, 8)}
-    print("| token embedding 262144 x 2816 | min/max s | fitted s |")
-    print("|---|---:|---:|")
-    for bits, (minmax, fitted) in embedding.items():
-        print(f"| {bits}-bit g64 | {minmax:.1f} | {fitted:.1f} |", flush=True)
-
-    processor = FoldedProcessor(demo_processor(), VOCAB)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = shrink_config(load_preset("26b-a4b"), layers=args.layers, vocab=VOCAB)
-        write_checkpoint(config, tmp)
-        print(f"\n26B A4B, {args.layers} layers at real dims (bf16), 4-bit g64; full model = {FULL_LAYERS} layers "
-              "x s/layer + embedding")
-        print("| recipe | seconds | s/layer | full 26B estimate, min |")
-        print("|---|---:|---:|---:|")
-        for name in names:
-            model = load_model(Path(tmp), policy=RuntimePolicy.from_arguments("bfloat16"))
-            mx.eval(model.parameters())
-            t = time.perf_counter()
-            quantize(model, 4, 64, RECIPES[name], processor)
-            mx.eval(model.parameters())
-            seconds = time.perf_counter() - t
-            per_layer = seconds / args.layers
-            emb = embedding[EMBEDDING_BITS[name]][0 if name == "minmax" else 1]
-            print(f"| {name} | {seconds:.1f} | {per_layer:.1f} | {(FULL_LAYERS * per_layer + emb) / 60:.1f} |",
-                  flush=True)
-            del model
-            gc.collect()
+    shapes = Counter(shape for name, shape in text_param_specs(load_preset(args.variant))
+                     if is_quantizable(name, shape, gs))
+    mx.eval(affine.quantize(mx.zeros((64, 4 * gs)), gs, bits))  # compile the fitter once
+    print(f"{args.variant}: {sum(shapes.values())} matrices, {len(shapes)} shapes, {bits}-bit g{gs}, bf16 weights")
+    print("| shape | count | M weights each | min/max s | fitted s | fitted, weighted s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows, totals = [], [0.0, 0.0, 0.0]
+    for shape, count in sorted(shapes.items(), key=lambda kv: -kv[1] * int(mx.prod(mx.array(kv[0])).item())):
+        w = (0.02 * mx.random.normal(shape, key=mx.random.key(0))).astype(mx.bfloat16)
+        importance = mx.random.uniform(0.1, 10.0, (shape[-1],), key=mx.random.key(1))
+        mx.eval(w, importance)
+        seconds = [timed(lambda: mx.quantize(w, group_size=gs, bits=bits)),
+                   timed(lambda: affine.quantize(w, gs, bits)),
+                   timed(lambda: affine.quantize(w, gs, bits, importance))]
+        del w
+        for i, s in enumerate(seconds):
+            totals[i] += count * s
+        rows.append({"shape": list(shape), "count": count, "seconds": seconds})
+        size = 1
+        for d in shape:
+            size *= d
+        print(f"| {'x'.join(map(str, shape))} | {count} | {size / 1e6:.1f} | "
+              + " | ".join(f"{s:.2f}" for s in seconds) + " |", flush=True)
+    print(f"| **whole model, minutes** | {sum(shapes.values())} | | "
+          + " | ".join(f"**{t / 60:.1f}**" for t in totals) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"variant": args.variant, "bits": bits, "group_size": gs,
+                                               "rows": rows, "total_seconds": totals}, indent=2) + "\n")
     return 0
 
 
