@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 class Server:
-    """One system's server process, up once it answers GET /v1/models."""
+    """One system's server process, up once it answers HTTP."""
 
     def __init__(self, name: str, model: Path, timeout: float = 600):
         import httpx
@@ -64,9 +64,9 @@ class Server:
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{name} server exited ({self.process.returncode}); see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return
+            try:  # any answer: listening (a server that loads its model at the first request does so in the warm-up)
+                httpx.get(self.url + "/health", timeout=5)
+                return
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store float weights as bfloat16 | float16 under float32 compute: half the memory, products "
                         "upcast per call (default: the compute dtype)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--draft-model", metavar="ID",
+                   help="the model's MTP drafter (e.g. google/gemma-4-E2B-it-assistant): speculative decoding, the "
+                        "same output (greedy: token for token)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens the drafter proposes per step")
     p.add_argument("--drop-oldest-turns", action="store_true",
                    help="--chat: when a turn does not fit the context, drop the oldest turns (the rest is prefilled "
                         "again) instead of refusing it")
@@ -214,6 +218,10 @@ def _generate(args) -> int:
     gen_kwargs = dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                       min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                       max_soft_tokens=args.max_soft_tokens)
+    if args.draft_model:
+        from .drafter import load_drafter
+
+        gen_kwargs.update(draft_model=load_drafter(args.draft_model, model), num_draft_tokens=args.num_draft_tokens)
     if args.chat:
         args.prompt = prompt
         _run_chat(model, processor, args, gen_kwargs, prompt_cache)

@@ -81,11 +81,12 @@ def media_after(model, ids: Sequence[int], start: int, media: dict | None) -> di
 
 
 def prefill(model, ids: Sequence[int], cache: PromptCache, step_size: int = 512,
-            media: dict | None = None) -> mx.array:
+            media: dict | None = None, return_hidden: bool = False):
     """Run `ids` through the model into the caches, about `step_size` tokens at a time; logits (1, V) of the
     last position. `media`: image/audio arrays for `model.prepare_inputs` (names as transformers' processor
     outputs: pixel_values, image_position_ids, input_features, ...) whose soft tokens replace the placeholder
-    tokens in `ids`; chunks then never split an image. All but the last chunk evaluate only the caches."""
+    tokens in `ids`; chunks then never split an image. All but the last chunk evaluate only the caches.
+    return_hidden: (logits, the last position's final-normed hidden state (1, 1, H)), for an MTP drafter."""
     if not ids:
         raise ValueError("nothing to prefill: the prompt is empty (or entirely in the prompt cache)")
     if context_room(model, cache, len(ids)) < 0:
@@ -101,9 +102,9 @@ def prefill(model, ids: Sequence[int], cache: PromptCache, step_size: int = 512,
     for chunk in head:
         model(**chunk, cache=cache.caches, last_only=True)
         cache.eval()
-    logits = model(**last, cache=cache.caches, last_only=True)[:, -1, :]
+    logits, hidden = model(**last, cache=cache.caches, last_only=True, return_hidden=True)
     cache.tokens.extend(int(i) for i in ids)
-    return logits
+    return (logits[:, -1, :], hidden[:, -1:]) if return_hidden else logits[:, -1, :]
 
 
 def decode_step(model, token: mx.array, cache: PromptCache) -> mx.array:

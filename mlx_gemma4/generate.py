@@ -19,6 +19,7 @@ from . import runtime
 from .engine import generate_step, media_after, reply_room
 from .prompt_cache import PromptCache
 from .sample import LogitsProcessor, make_logits_processors, make_sampler
+from .speculative import DraftStats, speculative_generate_step
 
 
 @dataclass
@@ -32,11 +33,13 @@ class GenerationStats:
     blas: str = ""
     # "stop" (stop token), "length" (max_tokens), "context" (the model's context is full), None while running
     finish_reason: str | None = None
+    draft: DraftStats | None = None  # with a draft model: proposed / accepted tokens, target steps
 
     def summary(self) -> str:
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        drafts = f" | {self.draft.summary()}" if self.draft is not None else ""
         return (f"prompt: {self.prompt_tokens} tokens{cached}, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s{drafts} | "
                 f"peak memory: {self.peak_memory_gb:.3f} GB | BLAS: {self.blas}")
 
 
@@ -58,7 +61,8 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
                     logits_processors: Sequence[LogitsProcessor] | None = None,
                     prompt_cache: PromptCache | None = None, stop_token_ids: Sequence[int] | None = None,
                     prefill_step_size: int = 512, skip_special_tokens: bool = False, audio=None, images=None,
-                    max_soft_tokens: int | None = None, media: dict | None = None) -> Iterator[GenerationChunk]:
+                    max_soft_tokens: int | None = None, media: dict | None = None, draft_model=None,
+                    num_draft_tokens: int = 4) -> Iterator[GenerationChunk]:
     """Stream generated text. `prompt`: a string (formatted with the chat template unless
     use_chat_template=False), a message list, or token ids. `audio`: clips (paths, bytes or 16 kHz float
     arrays) for the user turn (see Processor.prompt_inputs). `prompt_cache`: caches holding a prefix of the
@@ -67,7 +71,10 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     arrays for token-id prompts whose placeholders are already expanded (see `engine.prefill`), for all of them
     or only for those after the prompt cache (see `engine.media_after`). The last chunk carries
     finish_reason. A prompt that leaves no room in the model's context raises engine.ContextError before any
-    prefill; when the context fills up during generation, the reply ends with finish_reason "context"."""
+    prefill; when the context fills up during generation, the reply ends with finish_reason "context".
+    `draft_model`: an MTP drafter for this model (`load_drafter(path, model)`): speculative decoding with
+    `num_draft_tokens` proposals per target step (mlx_gemma4.speculative), the same output distribution (greedy:
+    the same tokens); stats.draft counts the accepted proposals."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
@@ -99,8 +106,15 @@ def stream_generate(model, processor, prompt, *, max_tokens: int = 256, system: 
     mx.reset_peak_memory()
     start = time.perf_counter()
     gen_start = start
-    steps = generate_step(model, new_ids, prompt_cache, sampler, logits_processors=processors,
-                          max_tokens=limit, prefill_step_size=prefill_step_size, media=media)
+    if draft_model is None:
+        steps = generate_step(model, new_ids, prompt_cache, sampler, logits_processors=processors,
+                              max_tokens=limit, prefill_step_size=prefill_step_size, media=media)
+    else:
+        stats.draft = DraftStats()
+        steps = speculative_generate_step(model, draft_model, new_ids, prompt_cache, sampler,
+                                          num_draft_tokens=num_draft_tokens, logits_processors=processors,
+                                          max_tokens=limit, prefill_step_size=prefill_step_size, media=media,
+                                          stats=stats.draft)
     text, token = "", None
     try:
         for n, token in enumerate(steps):

@@ -193,7 +193,9 @@ class Gemma4(nn.Module):
         return out
 
     def __call__(self, input_ids: mx.array, cache=None, *, inputs_embeds: mx.array | None = None,
-                 block_ids: mx.array | None = None, last_only: bool = False) -> mx.array:
+                 block_ids: mx.array | None = None, last_only: bool = False, return_hidden: bool = False):
+        """Logits (B, L, V); with return_hidden, (logits, final-normed hidden states (B, L, H)), which the MTP
+        drafters take as input (mlx_gemma4.speculative)."""
         input_ids = self.check_ids(input_ids)
         if inputs_embeds is None and self._placeholder_ids is not None:
             # As transformers' Gemma4Model: placeholder ids without their features embed as padding.
@@ -202,7 +204,7 @@ class Gemma4(nn.Module):
         with self.policy.applied() if self.policy is not None else contextlib.nullcontext():
             h = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, block_ids=block_ids,
                                     last_only=last_only)
-            return self.logits(h)
+            return (self.logits(h), h) if return_hidden else self.logits(h)
 
     def check_ids(self, input_ids) -> mx.array:
         """(B, L) int ids in range. Host inputs are always checked; lazy device arrays only for prompts

@@ -129,13 +129,21 @@ class Sampler:
         logits = top_p_filter(logits, s.top_p)
         return min_p_filter(logits, s.min_p)
 
+    @property
+    def greedy(self) -> bool:
+        return self.settings.temperature == 0
+
+    def next_key(self) -> mx.array | None:
+        """The next PRNG key of the seeded stream; None without a seed (MLX's global generator)."""
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key
+
     def __call__(self, logits: mx.array) -> mx.array:
-        if self.settings.temperature == 0:
+        if self.greedy:
             return mx.argmax(logits.astype(mx.float32), axis=-1)
-        key = None
-        if self._key is not None:
-            self._key, key = mx.random.split(self._key)
-        return mx.random.categorical(self.filtered_logits(logits), axis=-1, key=key)
+        return mx.random.categorical(self.filtered_logits(logits), axis=-1, key=self.next_key())
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,

@@ -21,7 +21,7 @@ unless --towers is given; their tensor list then comes from transformers (a test
 
 `--variant e2b-assistant` (e4b-, 26b-a4b-, 31b-, 12b-assistant) writes the MTP drafter of a variant (its
 names are the same in both formats; the centroid head's token_ordering is a random permutation, int64), for
-`load_drafter` and `benchmarks/bench.py --draft-model`.
+`load_drafter` and `benchmarks/speculative.py`.
 """
 
 from __future__ import annotations

@@ -75,12 +75,28 @@ def test_nvfp4_dequantize_of_an_odd_number_of_groups():
     assert mx.array_equal(products.dequantize(q[ids], s[ids], None, 16, 4, "nvfp4"), full[ids])
 
 
-def test_quant_params_problem():
+def test_quant_params_problem(monkeypatch):
     assert products.quant_params_problem(64, 4, "affine") is None
     assert products.quant_params_problem(16, 4, "nvfp4") is None
     assert "unknown quantization mode 'fp3'" in products.quant_params_problem(32, 3, "fp3")
     assert "takes group size 32, got 64" in products.quant_params_problem(64, 4, "mxfp4")
     assert "takes bits 2 or 3 or 4 or 5 or 6 or 8, got 7" in products.quant_params_problem(64, 7, "affine")
+    # an MLX without a mode (as before MLX had the floating-point modes): the mode named, not an MLX traceback
+    quantize = mx.quantize
+
+    def older_quantize(w, group_size=64, bits=4, mode="affine"):
+        if mode == "mxfp8":
+            raise ValueError("[quantize] Invalid quantization mode.")
+        return quantize(w, group_size=group_size, bits=bits, mode=mode)
+
+    products.mlx_runs_mode.cache_clear()
+    monkeypatch.setattr(mx, "quantize", older_quantize)
+    try:
+        assert "mxfp8 quantization is not supported by the installed MLX" in products.quant_params_problem(32, 8,
+                                                                                                          "mxfp8")
+        assert products.quant_params_problem(32, 4, "mxfp4") is None
+    finally:
+        products.mlx_runs_mode.cache_clear()
 
 
 def test_loaded_quantized_model_uses_fast_linears(text_checkpoint):

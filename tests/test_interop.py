@@ -185,7 +185,7 @@ def test_bf16_conversion_equals_the_original_within_bf16_rounding(converted, sou
 
 def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
     """mlx-lm keeps audio_config (and mlx-vlm's text-only loads keep vision_config) without tower weights: the
-    model has no towers, and an image gets the same error as from a text-only Hugging Face checkpoint."""
+    model has no towers, and an image or a sound gets the same error as from a text-only Hugging Face checkpoint."""
     from PIL import Image
 
     from mlx_gemma4.generate import generate
@@ -197,12 +197,14 @@ def test_text_only_conversion_is_a_text_model(converted, text_checkpoint):
     hf_text = shutil.copytree(text_checkpoint("e2b", wrapper="conditional"), path.parent / "hf-text")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(path / name, hf_text / name)
-    errors = []
-    for m, p in (load(path), load(hf_text)):
-        with pytest.raises(ValueError) as e:
-            generate(m, p, "What is this?", images=[Image.new("RGB", (64, 64))], max_tokens=2)
-        errors.append(str(e.value))
-    assert errors[0] == errors[1] and "no vision tower" in errors[0]
+    media = {"images": [Image.new("RGB", (64, 64))], "audio": [np.zeros(16000, np.float32)]}
+    for kind, tower in (("images", "no vision tower"), ("audio", "no audio tower")):
+        errors = []
+        for m, p in (load(path), load(hf_text)):
+            with pytest.raises(ValueError) as e:
+                generate(m, p, "What is this?", max_tokens=2, **{kind: media[kind]})
+            errors.append(str(e.value))
+        assert errors[0] == errors[1] and tower in errors[0], errors
 
 
 def test_our_mlx_vlm_format_loads_in_mlx_vlm(sources, converted, tmp_path):

@@ -274,6 +274,15 @@ def test_tool_result_round_trip(text_server, chat_checkpoint):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": '{"temp": 21}'}]}])
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(hf_ids)
     assert message.content[0].text == reply.choices[0].message.content
+    # and through the Responses API: function_call / function_call_output items
+    response = text_server.openai().responses.create(
+        model="tiny", max_output_tokens=N, temperature=0, tools=[{"type": "function", **WEATHER["function"]}],
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+               {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": json.dumps(CALL_ARGS)},
+               {"type": "function_call_output", "call_id": "c1", "output": '{"temp": 21}'}])
+    assert response.usage.input_tokens == len(hf_ids)
+    assert response.output_text == reply.choices[0].message.content
 
 
 # -- concurrency ----------------------------------------------------------------------------------------------------
@@ -524,6 +533,12 @@ def test_remote_image_urls_are_fetched_with_limits(media_server):
         assert response.status_code == 400 and "limit" in response.json()["error"]["message"]
         response = raw(media_server, "/v1/chat/completions", body={"messages": ask(files.url + "/missing.png")})
         assert response.status_code == 400 and "404" in response.json()["error"]["message"]
+        media_server.generator.fetch["allow"] = False  # what --no-fetch-urls sets
+        try:
+            response = raw(media_server, "/v1/chat/completions", body={"messages": ask(files.url + "/a.png")})
+            assert response.status_code == 400 and response.json()["error"]["code"] == "url_fetch_disabled"
+        finally:
+            media_server.generator.fetch["allow"] = True
     finally:
         files.close()
 

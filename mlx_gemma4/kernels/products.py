@@ -43,7 +43,21 @@ def quant_params_problem(group_size, bits, mode) -> str | None:
     if group_size not in allowed["group_sizes"]:
         sizes = " or ".join(map(str, allowed["group_sizes"]))
         return f"{mode} quantization takes group size {sizes}, got {group_size!r}"
+    if not mlx_runs_mode(mode):
+        return f"{mode} quantization is not supported by the installed MLX {mx.__version__} (upgrade mlx)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def mlx_runs_mode(mode: str) -> bool:
+    """Whether the installed MLX quantizes in `mode` (the floating-point modes came after affine). MLX checks the
+    mode when the operation is built: nothing is evaluated, so this is safe inside a compiled function."""
+    settings = QUANT_MODES[mode]
+    try:
+        mx.quantize(mx.ones((4, 128)), group_size=settings["group_sizes"][0], bits=settings["bits"][0], mode=mode)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 _UNSET = object()
 # an explicit use_unpack_rows() block, then the running model's policy, then default_unpack_min_rows()

@@ -168,3 +168,63 @@ def load_hf_assistant(path):
     unified = AutoConfig.from_pretrained(path).model_type == "gemma4_unified_assistant"
     cls = Gemma4UnifiedAssistantForCausalLM if unified else Gemma4AssistantForCausalLM
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+class OracleDrafter:
+    """A drafter that knows its target (for tests and the benchmark's acceptance ceiling): each proposal's logits are
+    the target's own for the context (the cached tokens, then the tokens handed to the drafter this round, read back
+    from their embeddings), plus Gaussian noise of std `noise` times theirs (0: every proposal is the target's
+    choice; more: some are rejected). The real drafter still runs for its hidden state, so the whole hand-off is
+    exercised. `tokens`: the PromptCache's token list the generation uses (positions 0 .. p-1 at a round at position p)."""
+
+    def __init__(self, drafter, target, tokens: list, noise: float = 0.0, seed: int = 0):
+        import mlx.core as mx
+
+        self.drafter, self.target, self.tokens, self.noise = drafter, target, tokens, noise
+        self.config = drafter.config
+        self._key = mx.random.key(seed)
+        self._table = target.language_model.embed(mx.arange(target.text_config.vocab_size)[None])[0]  # (V, H)
+        self._round: tuple[int | None, list[int]] = (None, [])
+
+    def __call__(self, embeds, kv, position):
+        import mlx.core as mx
+
+        logits, hidden = self.drafter(embeds, kv, position)
+        H = self._table.shape[1]
+        token = int(mx.argmin(((self._table - embeds[0, 0, :H].astype(self._table.dtype)) ** 2).sum(-1)))
+        at, seen = self._round
+        seen = (seen if at == position else []) + [token]
+        self._round = (position, seen)
+        own = self.target(mx.array(self.tokens[:position] + seen, dtype=mx.int32)[None], last_only=True)
+        if self.noise:
+            self._key, key = mx.random.split(self._key)
+            own = own + self.noise * own.std() * mx.random.normal(own.shape, key=key)
+        return own.astype(logits.dtype), hidden
+
+
+class ScriptedDrafter:
+    """A drafter that proposes a continuation the test already knows (`sequence`: the prompt and the target's greedy
+    output, indexed by position), each proposal replaced by another token with probability `miss` (seeded): the
+    target accepts the proposals up to the first miss. Cheap (no target forward); the real drafter still runs."""
+
+    def __init__(self, drafter, sequence: list[int], miss: float = 0.3, seed: int = 0):
+        import numpy as np
+
+        self.drafter, self.sequence, self.miss = drafter, list(sequence), miss
+        self.config = drafter.config
+        self._rng = np.random.RandomState(seed)
+        self._round: tuple[int | None, int] = (None, 0)
+
+    def __call__(self, embeds, kv, position):
+        import mlx.core as mx
+
+        logits, hidden = self.drafter(embeds, kv, position)
+        at, step = self._round
+        step = step + 1 if at == position else 0
+        self._round = (position, step)
+        vocab = logits.shape[-1]
+        i = position + 1 + step
+        token = self.sequence[i] if i < len(self.sequence) else 0
+        if self._rng.rand() < self.miss:
+            token = (token + 1 + self._rng.randint(vocab - 1)) % vocab
+        return mx.where(mx.arange(vocab) == token, 10.0, -10.0).reshape(1, 1, vocab).astype(logits.dtype), hidden
