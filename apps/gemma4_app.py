@@ -2,12 +2,14 @@
 
     python apps/gemma4_app.py --model google/gemma-4-E2B-it [--port 7860] [--quantize 4]
     python apps/gemma4_app.py --model google/gemma-4-E2B-it --model ./my-checkpoint --allow-model-switch
+    python apps/gemma4_app.py --model google/gemma-4-E2B-it --draft-model google/gemma-4-E2B-it-assistant
 
 Opens on http://127.0.0.1:PORT. Streaming chat with multi-turn history that keeps the KV cache between turns
 (`session.ChatSession`), image / audio attachments (upload, webcam, paste, microphone), sampling controls,
 a stop button, stats after every reply and, for the mixture-of-experts model (26B A4B), a plot of the experts
 each layer used for the reply. With `--allow-model-switch`, a picker switches among the `--model`s given on the
-command line (with load-time quantization); no client can make the app load anything else.
+command line (with load-time quantization); no client can make the app load anything else. With `--draft-model`,
+replies to the model that drafter pairs with use speculative decoding (the same replies, faster).
 
 One model is loaded at a time and shared by every browser tab; requests are queued and run one at a time.
 Every failure (unreadable file, audio on a model without an audio encoder, out of memory, ...) is reported in the
@@ -80,10 +82,12 @@ class ModelHost:
     `load` is the operator's (any Hub id or local path, from the command line); `switch` is a client's request,
     honoured only with `allow_switch` and only for a label of `models` (never a path from the client)."""
 
-    def __init__(self, models: list[str] = (), allow_switch: bool = False):
+    def __init__(self, models: list[str] = (), allow_switch: bool = False, draft_model: str | None = None):
         self.lock = threading.RLock()
         self.model = None
         self.processor = None
+        self.draft_model = draft_model  # the operator's MTP drafter checkpoint (for the model it pairs with)
+        self.drafter = None
         self.name = ""
         self.label = ""  # how users see `name` (no server path)
         self.quantize: int | None = None
@@ -112,8 +116,23 @@ class ModelHost:
                 raise UserError(f"{label} has no tokenizer.json, so it cannot be chatted with")
             self.model, self.processor, self.quantize = model, processor, bits
             self.name, self.label = name, label
+            self.drafter = self._load_drafter(model)
             self.generation += 1
         return self.describe()
+
+    def _load_drafter(self, model):
+        """The operator's drafter if it drafts for `model` (speculative decoding), else None."""
+        if not self.draft_model:
+            return None
+        from mlx_gemma4 import load_drafter
+        from mlx_gemma4.config import ConfigError
+
+        try:
+            return load_drafter(self.draft_model, model)
+        except ConfigError:  # a drafter for another of the --models
+            return None
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"could not load the draft model: {without_paths(str(e))}") from e
 
     def switch(self, label, quantization) -> str:
         """A client's request to load another model: only a label of the models the app was started with."""
@@ -137,6 +156,8 @@ class ModelHost:
             parts.append(f"MoE: top-{cfg.text.top_k_experts} of {cfg.text.num_experts} experts")
         parts.append("vision encoder" if cfg.vision else "no vision encoder")
         parts.append("audio encoder" if cfg.audio else "no audio encoder")
+        if self.drafter is not None:
+            parts.append("speculative decoding (MTP drafter)")
         return " · ".join(parts)
 
 
@@ -350,7 +371,7 @@ def respond(host: ModelHost, conv: Conversation, turn: Turn, settings: Settings)
         raise UserError(reason)
 
     gen_kwargs = dict(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
-                      top_p=float(settings.top_p))
+                      top_p=float(settings.top_p), draft_model=host.drafter)
     conv.stop.clear()
     failed = True
     with host.lock:
@@ -540,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-model-switch", action="store_true",
                    help="let users switch among the --model checkpoints (off: the app serves the first one only)")
     p.add_argument("--quantize", choices=QUANTIZATION_CHOICES, default="none", help="quantize at load time")
+    p.add_argument("--draft-model", help="an MTP drafter (e.g. google/gemma-4-E2B-it-assistant): speculative "
+                   "decoding for the --model it pairs with")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-tokens", type=int, default=512, help="initial value of the max-tokens control")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
@@ -550,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
 
-    host = ModelHost(models, allow_switch=args.allow_model_switch)
+    host = ModelHost(models, allow_switch=args.allow_model_switch, draft_model=args.draft_model)
     try:
         status = host.load(models[0], args.quantize)
     except UserError as e:  # start anyway: another model can be picked in the UI

@@ -154,12 +154,12 @@ def speculative_generate_step(model, drafter, ids: Sequence[int], cache: PromptC
     generated_before = len(cache.tokens) + len(ids)
     yielded = 0
     logits, hidden = prefill(model, ids, cache, prefill_step_size, media, return_hidden=True)
-    token = sampler(process(logits, []))
-    pending = [token]  # tokens sampled but not yet yielded: accepted drafts (in the caches) and the next token
+    token = sampler(process(logits, []))  # (1,): the next token, not yet in the caches
+    pending = [int(token.item())]  # tokens not yet yielded: accepted drafts (in the caches), then `token`
     try:
         while True:
             remaining = max_tokens - yielded - len(pending)
-            for value in [int(t.item()) for t in pending]:
+            for value in pending:
                 yielded += 1
                 yield value
             if remaining <= 0:
@@ -169,21 +169,24 @@ def speculative_generate_step(model, drafter, ids: Sequence[int], cache: PromptC
             drafts, accepted, next_token, hiddens = run_round(token, hidden, k)
             mx.eval(drafts, accepted, next_token, hiddens)
             a = int(accepted.item())
-            if k - a:
-                for c in cache.caches:
-                    if c is not None:
-                        c.trim(k - a)
-            kept = [int(d) for d in drafts.tolist()[:a]]
-            cache.tokens.extend([int(token.item())] + kept)
+            trim(cache, k - a)
+            kept = drafts.tolist()[:a]
+            cache.tokens.extend([pending[-1]] + kept)
             stats.proposed, stats.accepted, stats.target_steps = (stats.proposed + k, stats.accepted + a,
                                                                   stats.target_steps + 1)
             token, hidden = next_token, hiddens[:, a:a + 1]
-            pending = [mx.array([d], dtype=mx.int32) for d in kept] + [token]
+            pending = kept + [int(token.item())]
     finally:
         # a caller stopping early leaves in the caches the tokens it was given (the last may be missing), no more
         extra = len(cache.tokens) - generated_before - yielded
         if extra > 0:
-            for c in cache.caches:
-                if c is not None:
-                    c.trim(extra)
+            trim(cache, extra)
             del cache.tokens[-extra:]
+
+
+def trim(cache: PromptCache, n: int) -> None:
+    """Roll the last n positions back in every cache (the token list is the caller's)."""
+    if n:
+        for c in cache.caches:
+            if c is not None:
+                c.trim(n)

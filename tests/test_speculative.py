@@ -148,6 +148,21 @@ def test_drafts_from_our_caches_equal_transformers(pair, paths):
         assert [int(d.item()) for d in drafts] == [int(np.argmax(x)) for x in theirs], kind
 
 
+def test_greedy_equals_transformers_assisted_generate(pair, paths):
+    """transformers' generate(assistant_model=...) with the same drafter (its MTP candidate generator, 4 tokens a
+    round) on the E2B-like pair (KV-shared target layers, centroid head): the same 24 tokens as ours."""
+    import torch
+    from test_drafter import load_hf_target
+
+    target, drafter = pair("e2b")
+    hf_drafter = family.load_hf_assistant(paths("e2b")[1])
+    hf_drafter.generation_config.num_assistant_tokens = 4
+    hf_drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    out = load_hf_target(paths("e2b")[0]).generate(torch.tensor([PROMPT]), assistant_model=hf_drafter,
+                                                   max_new_tokens=24, do_sample=False)
+    assert speculative(target, drafter, 4, max_tokens=24)[0] == out[0, len(PROMPT):].tolist()
+
+
 # ---- sampling ----------------------------------------------------------------------------------------------
 
 def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -284,6 +299,26 @@ def test_stream_generate_with_a_draft_model(chat_checkpoint, tmp_path):
         assert cache.tokens == ids + tokens[: stop_at + 1] and cache.offset == len(cache.tokens)
 
 
+def test_image_and_audio_prompt_with_a_draft_model(unified_chat_checkpoint, paths):
+    """The 12B-like model with an image and an audio clip in the prompt (its soft tokens in the caches the drafter
+    reads): the reply equals the one without a drafter."""
+    from test_unified import picture, tone
+
+    target, processor = load(unified_chat_checkpoint, dtype="float32")
+    drafter = load_drafter(paths("12b")[1], target)
+    media = dict(images=[picture(80, 120, 9)], audio=[tone(0.3, 10)], max_soft_tokens=70)
+    ids, _ = processor.prompt_inputs("what do you see and hear?", images=media["images"], audio=media["audio"],
+                                     max_soft_tokens=70)
+    expected = list(stream_generate(target, processor, "what do you see and hear?", max_tokens=24,
+                                    stop_token_ids=[], **media))
+    tokens = [c.token for c in expected if c.token is not None]
+    scripted = family.ScriptedDrafter(drafter, ids + tokens, miss=0.3)
+    chunks = list(stream_generate(target, processor, "what do you see and hear?", max_tokens=24, stop_token_ids=[],
+                                  draft_model=scripted, num_draft_tokens=3, **media))
+    assert [c.token for c in chunks if c.token is not None] == tokens
+    assert 0 < chunks[-1].stats.draft.acceptance_rate < 1
+
+
 def test_cli_draft_model(chat_checkpoint, tmp_path, capsys):
     from mlx_gemma4 import cli
 
@@ -325,3 +360,27 @@ def test_readme_drafter_example_runs_as_written(chat_checkpoint, paths, monkeypa
     model, processor = load(chat_checkpoint("e2b"))
     exec(compile(paragraph, "README.md", "exec"), {"model": model, "processor": processor, "generate": generate})
     assert capsys.readouterr().out.strip() == generate(model, processor, "Hi!", max_tokens=100)
+
+
+def test_app_draft_model(chat_checkpoint, paths):
+    """apps/gemma4_app.py --draft-model: replies to the model the drafter pairs with are speculative (the same
+    reply); another model gets no drafter."""
+    pytest.importorskip("gradio", reason="the app needs gradio (pip install '.[app]')")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gemma4_app",
+                                                  Path(__file__).resolve().parent.parent / "apps" / "gemma4_app.py")
+    app = importlib.util.module_from_spec(spec)
+    sys.modules["gemma4_app"] = app  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(app)
+    host = app.ModelHost(draft_model=str(paths("26b")[1]))
+    assert "speculative decoding" in host.load(str(chat_checkpoint("26b"))) and host.drafter is not None
+    conv, turn = app.Conversation(), app.Turn("hello world, tell me a story")
+    conv.turns.append(turn)
+    list(app.respond(host, conv, turn, app.Settings(max_tokens=12)))
+    assert turn.error is None and turn.raw_reply == generate(host.model, host.processor, turn.text, max_tokens=12)
+    assert "drafts:" in turn.stats
+    host.load(str(chat_checkpoint("e2b")))
+    assert host.drafter is None and "speculative" not in host.describe()
