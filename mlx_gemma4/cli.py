@@ -3,6 +3,7 @@
     mlx-gemma4               --model ID --prompt "..."  (or --chat)      generate / chat      (mlx_gemma4.generate)
     mlx-gemma4-prompt-cache  --model ID --system "..." --out FILE         save a prefix cache  (mlx_gemma4.prompt_cache)
     mlx-gemma4-convert       --model ID --out DIR [--bits 4]              convert / quantize   (mlx_gemma4.convert)
+    mlx-gemma4-perplexity    --model ID --text FILE [--reference ID]      perplexity, KL       (mlx_gemma4.perplexity)
     mlx-gemma4-memory        --model ID --context N                       memory planner       (mlx_gemma4.memory)
     mlx-gemma4-synth         --variant e2b --out DIR                      synthetic checkpoint (mlx_gemma4.synth)
     mlx-gemma4-server        --model ID [--port 8080]                     OpenAI/Anthropic API (mlx_gemma4.server)
@@ -287,7 +288,6 @@ def prompt_cache_main(argv: Sequence[str] | None = None) -> int:
 
 # -- mlx-gemma4-convert ---------------------------------------------------------------------------------------
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    from .kernels.products import QUANT_MODES
     from .layouts import FORMATS
 
     p = argparse.ArgumentParser(prog="mlx-gemma4-convert",
@@ -296,12 +296,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
                    help="quantize weights to this many bits (affine mode)")
-    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128), default=None,
-                   help="weights per scale (default: 64 in affine mode; the fp modes have their own)")
-    p.add_argument("--mode", choices=tuple(QUANT_MODES), default="affine",
-                   help="MLX quantization mode; mxfp4, mxfp8 and nvfp4 quantize without --bits")
-    p.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform",
-                   help="mixed: keep embeddings, PLE and MoE router at (affine) 8 bits")
+    add_quantization_options(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of unquantized tensors and scales (default: the source's, else bfloat16)")
     p.add_argument("--format", choices=FORMATS, default="mlx-vlm", dest="fmt",
@@ -310,20 +305,96 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     _add_verbose(p)
     args = p.parse_args(argv)
-    if args.recipe == "mixed" and args.bits is None and args.mode == "affine":
-        p.error("--recipe mixed needs --bits")
+    if args.bits is None and args.mode == "affine" and (args.recipe != "uniform" or args.calibration
+                                                        or args.target_bpw):
+        p.error("--recipe, --calibration and --target-bpw need --bits")
 
     def run() -> None:
         from .convert import convert
 
-        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=args.recipe,
+        recipe = recipe_of(args)
+        out = convert(args.model, args.out, bits=args.bits, group_size=args.group_size, recipe=recipe,
                       mode=args.mode, dtype=args.dtype, max_shard_gb=args.max_shard_gb, overwrite=args.overwrite,
-                      fmt=args.fmt)
+                      fmt=args.fmt, report=lambda text: print(text, file=sys.stderr))
         quant = json.loads((out / "config.json").read_text()).get("quantization")
         q = f"{quant['mode']} {quant['bits']}-bit, group {quant['group_size']}" if quant else "not quantized"
         if quant and args.recipe != "uniform":
-            q += f", {args.recipe} recipe"
+            q += f", {recipe.name} recipe"
         print(f"wrote {out} ({args.fmt} layout, {q})", file=sys.stderr)
+
+    return run_reporting_errors(run, args.verbose)
+
+
+def add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """--group-size, --mode, --recipe, --calibration, --target-bpw (mlx_gemma4.quant)."""
+    from .kernels.products import QUANT_MODES
+    from .quant import RECIPES
+
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128), default=None,
+                   help="weights per scale (default: 64 in affine mode; the fp modes have their own)")
+    p.add_argument("--mode", choices=tuple(QUANT_MODES), default="affine",
+                   help="MLX quantization mode; mxfp4, mxfp8 and nvfp4 quantize without --bits")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="uniform",
+                   help="uniform: every matrix at --bits; mixed: embeddings, PLE and MoE router at 8 bits; dynamic: "
+                        "mixed, plus the matrices whose quantization hurts most at 6 or 8 bits within --target-bpw; "
+                        "awq: mixed with AWQ scaling; minmax / mixed-minmax: plain min/max scales (mlx-lm's)")
+    p.add_argument("--calibration", metavar="FILE|none", default=None,
+                   help="text whose activations weight the quantization error (default: the text shipped with "
+                        "mlx_gemma4.quant; 'none': unweighted, no forward pass)")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="dynamic: bits per weight of the whole model, embeddings counted (default: mixed's + 0.5)")
+
+
+def recipe_of(args: argparse.Namespace):
+    """The quant.Recipe the --recipe/--calibration/--target-bpw options describe."""
+    from dataclasses import replace
+
+    from .quant import as_recipe
+
+    recipe = as_recipe(args.recipe)
+    if args.calibration is not None:
+        recipe = replace(recipe, calibration=False if args.calibration == "none" else args.calibration)
+    if args.target_bpw is not None:
+        recipe = replace(recipe, target_bpw=args.target_bpw)
+    return recipe
+
+
+# -- mlx-gemma4-perplexity -----------------------------------------------------------------------------------
+def perplexity_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mlx-gemma4-perplexity",
+                                description="Perplexity of a text, and mean KL against a reference model.")
+    p.add_argument("--model", required=True, help="checkpoint directory, Hub repo id, .gguf file or 'demo'")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--reference", help="reference model (e.g. the unquantized source): adds its perplexity, the "
+                   "mean KL(reference || model) and the top-1 agreement")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--chunk", type=_positive_int, default=256, help="positions per forward pass")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8), default=None, metavar="BITS",
+                   help="quantize --model at load time (as load(quantize=...)) before evaluating")
+    add_quantization_options(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _add_verbose(p)
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        from pathlib import Path
+
+        from .convert import quantization_settings
+        from .loading import load
+        from .perplexity import evaluate, text_ids
+
+        text = Path(args.text).read_text(encoding="utf-8")
+        bits, group_size = quantization_settings(args.quantize, args.group_size, args.mode)
+        model, processor = load(args.model, dtype=args.dtype, quantize=bits, group_size=group_size,
+                                recipe=recipe_of(args), quantize_mode=args.mode)
+        ids = text_ids(processor, text, args.max_tokens)
+        reference = load(args.reference, dtype=args.dtype)[0] if args.reference else None
+        result = evaluate(model, [ids], reference, chunk=args.chunk)
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (mean NLL {result.nll:.5f})")
+        if reference is not None:
+            change = 100 * (result.perplexity / result.reference_perplexity - 1)
+            print(f"reference perplexity {result.reference_perplexity:.4f} ({change:+.2f}%); mean KL vs reference "
+                  f"{result.mean_kl:.5f}; top-1 agreement {100 * result.top1_agreement:.2f}%")
 
     return run_reporting_errors(run, args.verbose)
 
@@ -420,6 +491,9 @@ def build_server_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 | float16")
     p.add_argument("--weights-dtype", default=None, help="storage dtype of float weights (as in mlx-gemma4)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="quantize the weights at load time")
+    p.add_argument("--draft-model", default=None,
+                   help="an MTP drafter of --model: speculative decoding (requests then run one at a time)")
+    p.add_argument("--num-draft-tokens", type=_positive_int, default=4, help="tokens drafted per target step")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _add_verbose(p)
     return p
@@ -437,7 +511,12 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         from .server import serve
 
         model, processor = load_for_cli(args.model, args.dtype, args.quantize, args.weights_dtype)
-        serve(model, processor, host=args.host, port=args.port, api_key=args.api_key or None,
+        drafter = None
+        if args.draft_model:
+            from .drafter import load_drafter
+
+            drafter = load_drafter(args.draft_model, model)
+        serve(model, processor, draft_model=drafter, num_draft_tokens=args.num_draft_tokens, host=args.host, port=args.port, api_key=args.api_key or None,
               max_body_bytes=int(args.max_body_mb * 2**20), log_level=args.log_level,
               model_id=args.served_model_name or str(args.model), max_concurrency=args.max_concurrency,
               max_tokens=args.max_tokens, enable_thinking=args.thinking,

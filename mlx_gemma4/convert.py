@@ -6,16 +6,18 @@ quantized.
 
 Writes the mlx-vlm layout (text + towers; `--format mlx-lm`: mlx-lm's, text only; see `layouts`): safetensors
 shards (+ model.safetensors.index.json), config.json with the `quantization` entry those libraries and `load`
-read, and the tokenizer, chat template and processor files. Quantization is the loader's
-(`loading.quantization_plan` / `apply_quantization`), so `load(src, quantize=B, group_size=G, recipe=R,
-quantize_mode=M, dtype=D)` builds exactly the model that converting with the same settings and loading the
-result does.
+read, and the tokenizer, chat template and processor files. Quantization is the loader's (`mlx_gemma4.quant`
+through `load(quantize=...)`), so `load(src, quantize=B, group_size=G, recipe=R, quantize_mode=M, dtype=D)`
+builds exactly the model that converting with the same settings and loading the result does.
 
 Modes: MLX's (`affine` at 2, 3, 4, 5, 6 or 8 bits, group size 32/64/128; `mxfp4`, `mxfp8`, `nvfp4`, whose bits
-and group size are fixed). Recipes: `uniform` quantizes every eligible linear and embedding to `bits`; `mixed`
-keeps the tensors 4 bits hurts most at affine 8 bits: the token embedding (also the tied LM head), the
-per-layer-embedding (PLE) table, its projection and per-layer gates, and the MoE router (`loading.MIXED_8BIT`).
-Tensors whose input width is not a multiple of the group size stay in float.
+and group size are fixed). Recipes (`mlx_gemma4.quant.recipes`): `uniform` quantizes every eligible linear and
+embedding to `bits`; `mixed` keeps the tensors 4 bits hurts most at affine 8 bits: the token embedding (also the
+tied LM head), the per-layer-embedding (PLE) table, its projection and per-layer gates, and the MoE router
+(`quant.plan.MIXED_8BIT`); `dynamic` also raises the decoder matrices whose quantization hurts most to 6 or 8 bits
+within a bits-per-weight budget; `awq` is mixed with AWQ per-channel scales folded into the norms/linears. Affine
+scales and biases are fitted to the least (activation-weighted) squared error; `minmax`/`mixed-minmax` are MLX's
+plain min/max. Tensors whose input width is not a multiple of the group size stay in float.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from mlx.utils import tree_flatten
 
@@ -30,6 +33,8 @@ from . import layouts
 from .kernels.products import QUANT_MODES, quant_params_problem
 from .loading import load_model, resolve_path
 from .model import is_tower_param
+from .quant import Recipe, as_recipe
+from .quant.budget import describe
 from .runtime import RuntimePolicy
 from .safetensors_io import save_shards
 
@@ -62,11 +67,13 @@ def quantization_settings(bits: int | None, group_size: int | None, mode: str) -
 
 
 def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_size: int | None = None,
-            recipe: str = "uniform", mode: str = "affine", dtype: str | None = None, max_shard_gb: float = 5.0,
-            overwrite: bool = False, fmt: str = "mlx-vlm") -> Path:
+            recipe: str | Recipe = "uniform", mode: str = "affine", dtype: str | None = None,
+            max_shard_gb: float = 5.0, overwrite: bool = False, fmt: str = "mlx-vlm",
+            report: Callable[[str], None] | None = None) -> Path:
     """Convert `src` (directory or Hub id, any layout `load` reads) into an MLX checkpoint at `out` in `fmt`
     ("mlx-vlm": text + towers, or "mlx-lm": text only); returns `out`. Quantized with `bits` or a non-affine
-    `mode` (see quantization_settings)."""
+    `mode` (see quantization_settings); `recipe`: a name or a `quant.Recipe`. When quantizing, `report` receives
+    the summary (bits per weight, bits of every matrix; quant.budget.describe)."""
     if fmt not in layouts.FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(layouts.FORMATS)})")
     bits, group_size = quantization_settings(bits, group_size, mode)
@@ -76,13 +83,15 @@ def convert(src: str | Path, out: str | Path, *, bits: int | None = None, group_
         raise ValueError("--out must differ from the source checkpoint directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    if bits is None and recipe != "uniform":
+    if bits is None and as_recipe(recipe) != Recipe():
         raise ValueError("--recipe needs --bits")
     raw = json.loads((src_path / "config.json").read_text())
     dtype = dtype or source_dtype(raw)
     policy = RuntimePolicy.from_arguments(dtype)
     target = policy.dtype
     model = load_model(src_path, quantize=bits, group_size=group_size, recipe=recipe, policy=policy, mode=mode)
+    if bits and report is not None:
+        report(describe(model))
     if "lm_head" in model and fmt == "mlx-vlm":
         raise ValueError("mlx-vlm's Gemma 4 ties the LM head to the token embeddings, but this checkpoint has its "
                          "own lm_head; use --format mlx-lm")

@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .limits import check_against_tensors
 from .model import Gemma4, is_tower_param
 from .compact import use_products
-from .kernels.products import quant_params_problem
+from .quant.plan import MIXED_8BIT, apply_quantization, quantization_plan  # noqa: F401 (re-exported)
 from .runtime import RuntimePolicy
 from .safetensors_io import read_header, tensor_bytes, weight_files
 
@@ -139,58 +139,8 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 # ---- quantization -------------------------------------------------------------------------------
 
-# Tensors kept at 8 bits by the `mixed` recipe: the ones users report 4 bits ruins (embedding tables, PLE,
-# the router), plus the final-layer-facing PLE gates which carry small-magnitude signals.
-MIXED_8BIT = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection", "router.proj",
-              "per_layer_input_gate", "per_layer_projection")
-
-
-def quantization_plan(model: nn.Module, bits: int, group_size: int, recipe: str = "uniform",
-                      mode: str = "affine") -> dict[str, Any]:
-    """The `quantization` config entry for a model: defaults plus per-module overrides.
-
-    mode: any of MLX's modes (kernels.products.QUANT_MODES: affine 2-8 bits, mxfp4, mxfp8, nvfp4). The `mixed`
-    recipe keeps its sensitive tensors at affine 8 bits (group size 64 under the fp modes, whose groups are
-    fixed): finer than mxfp8, whose scales are powers of two."""
-    if problem := quant_params_problem(group_size, bits, mode):
-        raise ValueError(problem)
-    if recipe not in ("uniform", "mixed"):
-        raise ValueError(f"recipe must be 'uniform' or 'mixed', got {recipe!r}")
-    plan: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": mode, "recipe": recipe}
-    eight_bits = {"group_size": group_size if mode == "affine" else 64, "bits": 8}  # no mode: affine
-    for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized"):
-            continue
-        rule = eight_bits if recipe == "mixed" and bits < 8 and any(path.endswith(k) for k in MIXED_8BIT) else None
-        if not _quantizable(module, (rule or plan)["group_size"]):
-            plan[path] = False
-        elif rule:
-            plan[path] = rule
-    return plan
-
-
-def _quantizable(module: nn.Module, group_size: int) -> bool:
-    """Every matrix the module would quantize (a weight, or both expert banks) has whole groups per row."""
-    mats = [w for w in (getattr(module, n, None) for n in ("weight", "gate_up_proj", "down_proj")) if w is not None]
-    return bool(mats) and all(w.ndim >= 2 and w.shape[-1] % group_size == 0 for w in mats)
-
-
-def apply_quantization(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Swap modules for their quantized versions as the plan says (weights are quantized in place if set)."""
-    gs, bits = plan["group_size"], plan["bits"]
-
-    def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        rule = plan.get(path, True)
-        if isinstance(rule, dict):
-            return rule  # explicit, towers included (a checkpoint quantized by mlx-vlm, see layouts)
-        if rule is False or is_tower_param(path):
-            return False  # towers stay in float: small, and their clipped linears need exact bounds
-        return _quantizable(module, gs) and {"group_size": gs, "bits": bits, "mode": plan.get("mode", "affine")}
-
-    nn.quantize(model, group_size=gs, bits=bits, class_predicate=predicate)
-    use_products(model)
+# Plans (which module gets how many bits) and the module swap live in mlx_gemma4.quant.plan; the values are
+# fitted by mlx_gemma4.quant when quantizing a float model (model_from_weights).
 
 
 def storage_dtype(name: str, w: mx.array, compute: mx.Dtype, compact: mx.Dtype) -> mx.Dtype:
@@ -215,15 +165,20 @@ def load_model(path: Path, quantize: int | None = None, group_size: int = 64, re
     config = load_config(path)
     header = {name: info for file in weight_files(path) for name, info in read_header(file).items()}
     check_against_tensors(config, {n: tuple(i["shape"]) for n, i in header.items()}, tensor_bytes(header), str(path))
+    processor = load_processor(path, config) if quantize else None  # tokenizes the calibration text
     return model_from_weights(config, read_weights(path), path, quantize, group_size, recipe, lazy, policy=policy,
-                              mode=mode)
+                              mode=mode, processor=processor)
 
 
 def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], path: Path | None = None,
                        quantize: int | None = None, group_size: int = 64, recipe: str = "uniform",
-                       lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine") -> Gemma4:
-    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized
-    (`quantize` bits, `group_size`, `recipe`, `mode`: see quantization_plan).
+                       lazy: bool = False, *, policy: RuntimePolicy | None = None, mode: str = "affine",
+                       processor=None) -> Gemma4:
+    """The model for `config` with HF-named (or our) weights loaded, cast and (optionally) quantized.
+
+    quantize (bits), group_size, recipe (a name or a quant.Recipe), mode (MLX's quantization mode): quantize at
+    load time with mlx_gemma4.quant (fitted scales; see quant.plan for which module gets what); `processor`
+    tokenizes the calibration text of calibrated recipes.
 
     policy (default: RuntimePolicy.from_arguments()): its compute dtype, and the storage dtype of the text
     decoder's float weight matrices (e.g. bfloat16 under float32 compute; quantized models ignore it). The model
@@ -258,9 +213,9 @@ def model_from_weights(config: ModelConfig, hf_weights: dict[str, mx.array], pat
         if config.quantization:
             settings = {k: v for k, v in config.quantization.items() if k in ("group_size", "bits", "mode")}
             raise ValueError(f"{path} is already quantized ({settings}); quantize=None to load it")
-        plan = quantization_plan(model, quantize, group_size, recipe, mode)
-        apply_quantization(model, plan)
-        config.quantization = plan
+        from .quant import quantize as quantize_weights
+
+        config.quantization = quantize_weights(model, quantize, group_size, recipe, processor, mode)
     use_products(model, target)  # quantized and compact weights' products in `target` (mlx_gemma4.compact)
     model.policy = policy
     model.eval()
@@ -337,7 +292,8 @@ def load_gguf(path: str | os.PathLike, quantize: int | None = None, group_size: 
     for name, value in gguf.iter_weights(gf):
         weights[name] = mx.array(value).astype(policy.dtype)
         mx.eval(weights[name])
+    processor = gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
     model = model_from_weights(config, weights, Path(path), quantize, group_size, recipe, lazy, policy=policy,
-                               mode=mode)
-    return model, gguf.gguf_processor(gf, gguf.gguf_tokenizer(gf))
+                               mode=mode, processor=processor)
+    return model, processor
 

@@ -44,10 +44,14 @@ class LiveServer:
         self._thread.join(timeout=30)
 
 
-def start_server(path, **generator_options) -> LiveServer:
+def start_server(path, drafter_path=None, **generator_options) -> LiveServer:
     import uvicorn
 
     model, processor = load(path, dtype="float32")
+    if drafter_path is not None:  # --draft-model
+        from mlx_gemma4 import load_drafter
+
+        generator_options["draft_model"] = load_drafter(drafter_path, model)
     generator = Generator(model, processor, model_id="tiny-gemma4", **generator_options)
     app = create_app(generator, api_key=API_KEY, max_body_bytes=8 << 20)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -143,7 +143,7 @@ def test_convert_errors(chat_checkpoint, tmp_path, capsys):
     assert "error: mxfp4 quantization takes group size 32, got 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.convert_main(["--model", str(src), "--out", str(tmp_path / "o"), "--recipe", "mixed"])
-    assert "--recipe mixed needs --bits" in capsys.readouterr().err
+    assert "--recipe, --calibration and --target-bpw need --bits" in capsys.readouterr().err
     assert cli.convert_main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert "no checkpoint directory" in capsys.readouterr().err
     assert cli.convert_main(["--model", str(src), "--out", str(tmp_path / "ok"), "--bits", "4",

@@ -543,6 +543,21 @@ def test_remote_image_urls_are_fetched_with_limits(media_server):
         files.close()
 
 
+def concurrent_streams(server, prompts, **kwargs) -> list[str]:
+    """The streamed answers of one client thread per prompt, all at once."""
+    results = [None] * len(prompts)
+
+    def ask(i):
+        results[i] = stream_chat(server, prompts[i], **kwargs)[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 # -- MoE ----------------------------------------------------------------------------------------------------------------
 def test_moe_server_equals_generate(chat_checkpoint):
     server = start_server(chat_checkpoint("26b"))
@@ -550,18 +565,34 @@ def test_moe_server_equals_generate(chat_checkpoint):
         prompts = [HELLO, [{"role": "user", "content": "Name three colors, please."}]]
         expected = [parse_output(reference(server, p)).content for p in prompts]
 
-        results = [None, None]
-
-        def ask(i):
-            results[i] = stream_chat(server, prompts[i])[0]
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results == expected
+        assert concurrent_streams(server, prompts) == expected
         assert server.anthropic().messages.create(model="tiny", max_tokens=N, messages=prompts[1]).content[0].text == \
             expected[1]
+    finally:
+        server.stop()
+
+
+# -- --draft-model (speculative decoding) -------------------------------------------------------------------------
+def test_draft_model_server_equals_generate(chat_checkpoint, tmp_path):
+    """With a drafter the same APIs answer what generate() without one does (greedy: the same tokens), streamed
+    and not, through both clients; two concurrent clients queue; a conversation's next turn reuses its prefix;
+    log-probabilities are a 400 naming the field."""
+    from checkpoints import family
+
+    server = start_server(chat_checkpoint("26b"), family.make_assistant_checkpoint(tmp_path / "d", "26b"))
+    try:
+        assert type(server.generator.engine).__name__ == "DraftEngine"
+        prompts = [HELLO, [{"role": "user", "content": "Name three colors, please."}]]
+        expected = [parse_output(reference(server, p, max_tokens=20)).content for p in prompts]
+        assert concurrent_streams(server, prompts, max_tokens=20) == expected
+        assert chat(server, HELLO, max_tokens=20).choices[0].message.content == expected[0]
+        assert server.anthropic().messages.create(model="tiny", max_tokens=20, messages=prompts[1]).content[0].text \
+            == expected[1]
+        follow = [*HELLO, {"role": "assistant", "content": expected[0]}, {"role": "user", "content": "And then?"}]
+        reply = chat(server, follow, max_tokens=20)
+        assert reply.choices[0].message.content == parse_output(reference(server, follow, max_tokens=20)).content
+        assert reply.usage.prompt_tokens_details.cached_tokens > 10
+        response = raw(server, "/v1/chat/completions", body={"messages": HELLO, "logprobs": True})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
     finally:
         server.stop()

@@ -7,6 +7,7 @@
     anthropic_api.py  /v1/messages
     messages.py       request bodies -> Hugging Face messages + tools (what transformers' template renders)
     generation.py     prompts, continuous batching (mlx_gemma4.batch), prefix reuse, output as steps
+    draft.py          --draft-model: speculative decoding, requests one at a time (BatchEngine's interface)
     output.py         the model's output -> reasoning / content / tool calls, as it streams
     errors.py         the error bodies each API's clients expect
 """

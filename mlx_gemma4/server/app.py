@@ -8,6 +8,12 @@ Each request: key check, then the body (refused past `max_body_bytes` before it 
 (400 naming the field), the prompt built in a worker thread (media decoding, remote fetches), its length
 checked against the context, and only then prefill. A streamed reply starts once the first token is there, so
 every failure up to that point is a proper HTTP error; a client that goes away cancels its generation.
+
+mlx-lm's server (`mlx_lm.server`) is not the base: its prompts come from the tokenizer's chat template without
+our processor (no audio, no image expansion or bidirectional image prefill), and its Gemma 4 tool parser fails
+on valid calls ours reads (whitespace around a key, `call:f{ a:<|"|>x<|"|> , b:2 }`, is a JSONDecodeError
+there). What fits is used: its BatchGenerator (through mlx_gemma4.batch), LRUPromptCache (generation.py) and
+additive penalties (sample_utils).
 """
 
 from __future__ import annotations
@@ -75,7 +81,9 @@ def create_app(generator: Generator, *, api_key: str | None = None, max_body_byt
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(request.url.path, APIError(500, f"internal error: {type(error).__name__}: {error}"))
+        # the client learns the kind of failure, not the server's internals (paths, values): those go to the log
+        return error_response(request.url.path, APIError(500, f"internal error ({type(error).__name__}); the "
+                                                              "server's log has the details"))
 
     def authorize(request: Request) -> None:
         if api_key is None:

@@ -176,12 +176,19 @@ class Generator:
     def __init__(self, model, processor, *, model_id: str, max_concurrency: int = 8, max_tokens: int = 512,
                  enable_thinking: bool = False, prompt_cache_bytes: int = 2 << 30, prompt_cache_entries: int = 32,
                  fetch_urls: bool = True, fetch_max_bytes: int = 20 << 20, fetch_timeout: float = 10.0,
-                 prefill_step_size: int = 512, sampling_defaults: dict | None = None):
+                 prefill_step_size: int = 512, sampling_defaults: dict | None = None, draft_model=None,
+                 num_draft_tokens: int = 4):
         self.model, self.processor, self.model_id = model, processor, model_id
         self.sampling_defaults = dict(sampling_defaults or {})  # temperature, top_p, top_k, min_p when not sent
         self.max_tokens, self.enable_thinking = max_tokens, enable_thinking
         self.fetch = dict(allow=fetch_urls, max_bytes=fetch_max_bytes, timeout=fetch_timeout)
-        self.engine = BatchEngine(model, max_batch=max_concurrency, prefill_step_size=prefill_step_size)
+        if draft_model is None:
+            self.engine = BatchEngine(model, max_batch=max_concurrency, prefill_step_size=prefill_step_size)
+        else:  # speculative decoding, one request at a time (see draft.py)
+            from .draft import DraftEngine
+
+            self.engine = DraftEngine(model, draft_model, num_draft_tokens=num_draft_tokens,
+                                      prefill_step_size=prefill_step_size)
         self.prefixes = PrefixCache(prompt_cache_bytes, prompt_cache_entries)
         self.created = int(time.time())
         tok = processor.tokenizer
@@ -314,7 +321,7 @@ class Generator:
                 prompt_cache=PromptCache(caches, prompt.ids[:start]) if caches else None,
                 top_logprobs=settings.top_logprobs)
         except ValueError as e:
-            raise bad_request(str(e), "messages") from e
+            raise bad_request(str(e), "logprobs" if "log-probabilities" in str(e) else "messages") from e
         return request, cached
 
     async def generate(self, prompt: Prompt, settings: Sampling) -> AsyncIterator[Step | Finished]:
