@@ -6,10 +6,13 @@ BatchEngine beside mlx-lm's BatchGenerator on the same checkpoint.
 
 One process loads every system (DIR as benchmarks/bench.py loads it; see its docstring for the peers) and, for
 each stream count S and each repeat, runs the systems in turn, so that they share the machine's conditions.
-A run starts S greedy requests with different random prompts of --prompt tokens; once every request has its
-first token (all prefilled and decoding together), it times the decode steps until all have --tokens tokens:
-aggregate tok/s = tokens generated in that window / its seconds. Reported: the best and the median over the
-repeats. A small untimed batch warms each system up first.
+A run starts S greedy requests with different random prompts of --prompt tokens. Once every request has its
+first token (all prefilled), it times --tokens decode steps of the full batch: aggregate tok/s = tokens
+generated in those steps / their seconds. Every request is given room for more tokens than that, so all S
+streams are in the batch for the whole timed window on both systems (BatchEngine prefills requests one at a
+time, so its first requests are already decoding while the last ones prefill; mlx-lm's BatchGenerator
+prefills them together). Reported: the best and the median over the repeats. A small untimed batch warms each
+system up first.
 """
 
 from __future__ import annotations
@@ -33,40 +36,42 @@ def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(3, vocab, length).tolist() for _ in range(count)]
 
 
-def decode_ours(model, batch: list[list[int]], tokens: int) -> tuple[int, float]:
-    """(tokens generated, seconds) of the decode phase with mlx_gemma4.batch.BatchEngine."""
+def decode_ours(model, batch: list[list[int]], steps: int) -> tuple[int, float]:
+    """(tokens generated, seconds) of `steps` decode steps of the full batch with mlx_gemma4.batch.BatchEngine."""
     from mlx_gemma4.batch import BatchEngine
 
     engine = BatchEngine(model, max_batch=len(batch))
-    requests = [engine.submit(ids, max_tokens=tokens) for ids in batch]
-    while not all(r.tokens for r in requests):
-        engine.step()
-    before, start = sum(len(r.tokens) for r in requests), time.perf_counter()
-    while engine.step():
-        pass
-    return sum(len(r.tokens) for r in requests) - before, time.perf_counter() - start
+    try:
+        requests = [engine.submit(ids, max_tokens=steps + len(batch) + 2) for ids in batch]
+        while not all(r.tokens for r in requests):
+            engine.step()
+        before, start = sum(len(r.tokens) for r in requests), time.perf_counter()
+        for _ in range(steps):  # nothing left to prefill: each step is one decode step of the batch
+            engine.step()
+        seconds = time.perf_counter() - start
+        assert not any(r.done for r in requests), "a request left the batch inside the timed window"
+        return sum(len(r.tokens) for r in requests) - before, seconds
+    finally:
+        engine.stop()
 
 
-def decode_mlx_lm(model, batch: list[list[int]], tokens: int) -> tuple[int, float]:
+def decode_mlx_lm(model, batch: list[list[int]], steps: int) -> tuple[int, float]:
     """The same with mlx-lm's BatchGenerator (its own batched prefill, then its decode batch)."""
     from mlx_lm.generate import BatchGenerator
 
-    generator = BatchGenerator(model, max_tokens=tokens, completion_batch_size=len(batch),
+    generator = BatchGenerator(model, max_tokens=steps + 2, completion_batch_size=len(batch),
                                prefill_batch_size=len(batch))
     counts = dict.fromkeys(generator.insert(batch), 0)
-    timed, start = 0, None
     try:
-        while any(n < tokens for n in counts.values()):
-            responses = generator.next_generated()
-            if start is not None:
-                timed += len(responses)
-            for r in responses:
+        while not all(counts.values()):
+            for r in generator.next_generated():
                 counts[r.uid] += 1
-            if start is None and all(counts.values()):
-                start = time.perf_counter()
+        timed, start = 0, time.perf_counter()
+        for _ in range(steps):
+            timed += len(generator.next_generated())
+        return timed, time.perf_counter() - start
     finally:
         generator.close()
-    return timed, time.perf_counter() - start
 
 
 def run(names: list[str], path: Path, streams: list[int], prompt: int, tokens: int, repeat: int) -> dict:
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per stream")
-    p.add_argument("--tokens", type=int, default=12, help="tokens generated per stream")
+    p.add_argument("--tokens", type=int, default=12, help="timed decode steps (tokens per stream)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--peers", default="mlx-lm-fp32", help="comma-separated (mlx-lm, mlx-lm-fp32), or 'none'")
     p.add_argument("--json", type=Path)

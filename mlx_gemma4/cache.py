@@ -44,13 +44,26 @@ def causal_mask(N: int, offset: int, window: int | None = None) -> mx.array:
 QUANTIZED_KV_UNSUPPORTED = "quantized KV caches (mlx-lm's kv_bits) are not supported: generate without kv_bits"
 
 
-def _refuse_quantization(self, group_size: int = 64, bits: int = 4):
-    """mlx-lm's generate_step converts every cache that has `to_quantized` when kv_bits is set (and skips the
-    others silently): ours refuse, as the model refuses mlx-lm's quantized caches."""
-    raise ValueError(QUANTIZED_KV_UNSUPPORTED)
+class _KeyValueBuffer:
+    """What both caches share: a key buffer and a value buffer (None until the first update)."""
+
+    keys: mx.array | None
+    values: mx.array | None
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        """mlx-lm's generate_step converts every cache that has `to_quantized` when kv_bits is set (and skips the
+        others silently): ours refuse, as the model refuses mlx-lm's quantized caches."""
+        raise ValueError(QUANTIZED_KV_UNSUPPORTED)
 
 
-class KVCache:
+class KVCache(_KeyValueBuffer):
     """Growing cache (global layers): keys/values (B, H, capacity, D), positions 0 .. offset-1 filled."""
 
     step = 256  # the buffer grows by this many positions at a time
@@ -99,15 +112,6 @@ class KVCache:
     def size(self) -> int:
         return self.offset
 
-    def empty(self) -> bool:
-        return self.keys is None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    to_quantized = _refuse_quantization
-
     @property
     def state(self):
         """mlx-lm's KVCache state (keys, values, offset), the keys exactly the filled positions."""
@@ -134,7 +138,7 @@ class KVCache:
         return BatchKVCache.merge(caches)
 
 
-class RotatingKVCache:
+class RotatingKVCache(_KeyValueBuffer):
     """Sliding-window cache with exact rollback; see the module docstring.
 
     The buffer holds absolute positions `_start .. offset-1` at slots 0 .. offset-_start-1, oldest first."""
@@ -256,15 +260,6 @@ class RotatingKVCache:
 
     def size(self) -> int:
         return min(self.offset, self.window)
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    to_quantized = _refuse_quantization
 
     @property
     def state(self):

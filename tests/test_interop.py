@@ -20,8 +20,7 @@ from mlx_gemma4.convert import convert
 from mlx_gemma4.loading import CheckpointError
 from mlx_gemma4.moe import BankQuantization, QuantizedExperts
 
-pytest.importorskip("mlx_lm")
-pytest.importorskip("mlx_vlm")
+pytest.importorskip("mlx_vlm", reason="mlx-vlm (the test extra's peer) is not installed: pip install -e '.[test]'")
 
 PROMPT = [2, 17, 45, 99, 3, 250, 31, 7, 88, 120, 400, 5, 6, 77, 300, 12, 19, 200, 201, 44, 8, 9, 10]
 TOL = 2e-3  # max |difference| / max |logit|, float32 compute on both sides
