@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .kernels.products import compact_matmul, dequantize, quantized_matmul
+from .kernels.products import compact_matmul, dequantize, quantized_head_matmul, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -47,7 +47,7 @@ class CompactEmbedding(nn.Embedding):
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     """`nn.QuantizedEmbedding` whose rows come out in `compute_dtype` (MLX dequantizes the floating-point modes
-    to bfloat16 unless told otherwise); the tied LM head (`as_linear`) stays MLX's quantized product."""
+    to bfloat16 unless told otherwise); the tied LM head (`as_linear`) computes through `quantized_head_matmul`."""
 
     compute_dtype = None
 
@@ -55,6 +55,10 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         biases = self.get("biases")
         return dequantize(self["weight"][x], self["scales"][x], None if biases is None else biases[x],
                           self.group_size, self.bits, self.mode, self.compute_dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_head_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                     self.bits, self.mode)
 
 
 def _as(cls, module: nn.Module) -> nn.Module:

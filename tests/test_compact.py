@@ -181,3 +181,29 @@ def test_weights_dtype_leaves_quantized_models_alone(source, text_checkpoint, tm
     got, want = dict(tree_flatten(model.parameters())), dict(tree_flatten(plain.parameters()))
     assert {k: w.dtype for k, w in got.items()} == {k: w.dtype for k, w in want.items()}
     assert all(w.dtype == mx.float32 for k, w in got.items() if k.endswith(("scales", "biases")))
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("affine", 8, 32), ("mxfp4", 4, 32)])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_tied_quantized_head_in_pieces(monkeypatch, mode, bits, group_size, rows):
+    """The tied LM head of a quantized embedding: one row is MLX's own product; many rows are unpacked a piece of
+    vocabulary rows at a time (pieces of 40 rows here, the last one short), equal to MLX's product."""
+    monkeypatch.setattr(products, "HEAD_ROWS_PER_PIECE", 40)
+    table = nn.Embedding(100, 64)
+    table.weight = mx.random.normal((100, 64), key=mx.random.key(bits))
+    ours = nn.Sequential(nn.QuantizedEmbedding.from_embedding(table, group_size, bits, mode=mode))
+    compact.use_products(ours)
+    head = ours.layers[0]
+    assert isinstance(head, compact.QuantizedEmbedding)
+    x = mx.random.normal((rows, 64), key=mx.random.key(5))
+    want = nn.QuantizedEmbedding.as_linear(head, x)
+    pieces = []
+    product = products.quantized_matmul
+    monkeypatch.setattr(products, "quantized_matmul", lambda x, w, *a: pieces.append(w.shape[0]) or product(x, w, *a))
+    got = head.as_linear(x)
+    assert got.shape == (rows, 100)
+    assert pieces == ([100] if rows < products.UNPACK_MIN_ROWS else [40, 40, 20])
+    if rows < products.UNPACK_MIN_ROWS:
+        assert mx.array_equal(got, want)
+    else:
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)

@@ -135,6 +135,24 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
+HEAD_ROWS_PER_PIECE = 32768  # rows of a quantized LM head unpacked at a time (26B: 32768 x 2816 floats = 0.37 GB)
+
+
+def quantized_head_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                          bits: int, mode: str = "affine") -> mx.array:
+    """`quantized_matmul` for a large table (the tied LM head, 262144 rows): where the CPU unpacks, it unpacks a
+    piece of rows at a time, so the float copy stays small. MLX's CPU quantized product with many rows (a prompt's
+    logits for perplexity, a long verification) was 12x slower than unpack + matmul on the demo model's head."""
+    if not _unpacks(x) or w.shape[0] <= HEAD_ROWS_PER_PIECE:
+        return quantized_matmul(x, w, scales, biases, group_size, bits, mode)
+    pieces = []
+    for start in range(0, w.shape[0], HEAD_ROWS_PER_PIECE):
+        rows = slice(start, start + HEAD_ROWS_PER_PIECE)
+        pieces.append(quantized_matmul(x, w[rows], scales[rows], None if biases is None else biases[rows],
+                                       group_size, bits, mode))
+    return mx.concatenate(pieces, axis=-1)
+
+
 def compact_matmul(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a float w stored in another dtype than x: w upcast when x has enough rows (CPU), else x cast to
     w's dtype for the product (memory-bound one-row products read half the bytes) and the result cast back."""
